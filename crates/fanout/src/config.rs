@@ -1,0 +1,333 @@
+//! Configuration of the fanout service: one [`Config`] parsed by clap from flags and environment variables
+//! (DESIGN 3.2), then checked by [`Config::validate`] before any port is bound.
+//!
+//! Every flag has an environment variable; the names the original Python service used (`BACKEND_POOL`,
+//! `MAX_ATTEMPTS`, ...) are kept. Durations take human units (`250ms`, `64s`, `1m`, via `humantime`) and sizes
+//! take byte units (`64KiB`, `1MB`, via `bytesize`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::{Parser, ValueEnum};
+
+use crate::backend::{BackendAddr, ParseBackendError};
+
+/// When the client of a write is answered (DESIGN 3.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AckPolicy {
+    /// As soon as one backend answered `201` (the original's behaviour): the client gets that backend's answer.
+    First,
+    /// After a majority of the backend pool (`n / 2 + 1`) answered `201`.
+    Quorum,
+    /// After every backend answered `201`.
+    All,
+}
+
+impl AckPolicy {
+    /// How many backends out of `pool_size` must answer `201` before the client is answered.
+    pub fn required(self, pool_size: usize) -> usize {
+        match self {
+            AckPolicy::First => 1.min(pool_size),
+            AckPolicy::Quorum => pool_size / 2 + 1,
+            AckPolicy::All => pool_size,
+        }
+    }
+
+    /// The name used on the command line and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckPolicy::First => "first",
+            AckPolicy::Quorum => "quorum",
+            AckPolicy::All => "all",
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Command line and environment of the `fanout` binary. The doc comments are the `--help` text.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fanout", version, about = "Delivers every write to every backend of the pool, retrying each one on its own.")]
+pub struct Config {
+    /// Address of the API listener (writes, health, deliveries).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Port of the Prometheus listener (`GET /metrics`), on the same IP as `--listen`. 0 picks a free port.
+    #[arg(long, env = "METRICS_PORT", default_value_t = 8000)]
+    pub metrics_port: u16,
+
+    /// The backend pool: a comma list of `host:port` or `http://host:port[/prefix]`.
+    #[arg(long = "backends", env = "BACKEND_POOL", value_delimiter = ',', num_args = 0..)]
+    pub backends: Vec<String>,
+
+    /// Attempts per backend per delivery, the first one included.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 100)]
+    pub max_attempts: u32,
+
+    /// Backoff before the first retry; it doubles for every further retry.
+    #[arg(long, env = "INITIAL_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub initial_backoff: Duration,
+
+    /// Cap of the exponential part of the backoff (also caps a backend's `Retry-After`).
+    #[arg(long, env = "MAX_BACKOFF", default_value = "64s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+
+    /// Jitter drawn uniformly in [0, max] and added to every backoff, fresh for every retry.
+    #[arg(long, env = "MAX_JITTER", default_value = "100ms", value_parser = parse_duration)]
+    pub max_jitter: Duration,
+
+    /// Deadline of one attempt: connect, send and the whole response.
+    #[arg(long, env = "ATTEMPT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub attempt_timeout: Duration,
+
+    /// When the client is answered: after the first, a majority, or all backends answered 201.
+    #[arg(long = "ack", env = "ACK_POLICY", value_enum, default_value_t = AckPolicy::First)]
+    pub ack: AckPolicy,
+
+    /// Past this wait the client gets `202 Accepted` and the delivery goes on in the background.
+    #[arg(long, env = "ACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
+
+    /// Largest accepted request body; larger ones get `413` and nothing is forwarded.
+    #[arg(long, env = "MAX_BODY", default_value = "64KiB", value_parser = parse_size)]
+    pub max_body: ByteSize,
+
+    /// Deliveries in flight at most; past it writes get `503` with `Retry-After` and nothing is forwarded.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+
+    /// How many recent deliveries `GET /deliveries/{id}` remembers.
+    #[arg(long, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
+    pub delivery_history: usize,
+
+    /// Idle keep-alive connections to backends are closed after this long. Keep it below the backends' own idle
+    /// timeout so that fanout never sends on a connection the backend is closing.
+    #[arg(long, env = "POOL_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+
+    /// On SIGTERM or Ctrl-C, how long to wait for deliveries in flight before exiting.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log line format; `RUST_LOG` filters what is logged.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// A configuration that parsed but cannot run. The message names the flag and its environment variable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--backends` was empty or missing.
+    #[error("--backends (BACKEND_POOL) is required: a comma list such as server1:8080,server2:8080")]
+    NoBackends,
+    /// One entry of `--backends` is not `host:port` or an `http://` URL.
+    #[error("--backends (BACKEND_POOL): {0}")]
+    BadBackend(#[from] ParseBackendError),
+    /// The same backend appears twice.
+    #[error("--backends (BACKEND_POOL): {0:?} is listed twice")]
+    DuplicateBackend(String),
+    /// A numeric flag is out of its range.
+    #[error("--{flag} ({env}) must be {rule}")]
+    OutOfRange {
+        /// The flag without its dashes.
+        flag: &'static str,
+        /// Its environment variable.
+        env: &'static str,
+        /// What it must be.
+        rule: &'static str,
+    },
+    /// `--initial-backoff` is larger than `--max-backoff`.
+    #[error("--initial-backoff (INITIAL_BACKOFF) must not exceed --max-backoff (MAX_BACKOFF)")]
+    BackoffOrder,
+}
+
+impl Config {
+    /// Checks what clap cannot, and returns the parsed backend pool.
+    ///
+    /// # Errors
+    /// The first rule broken, as a [`ConfigError`] naming the flag.
+    pub fn validate(&self) -> Result<Vec<BackendAddr>, ConfigError> {
+        let range = |ok: bool, flag, env, rule| {
+            if ok { Ok(()) } else { Err(ConfigError::OutOfRange { flag, env, rule }) }
+        };
+        range(self.max_attempts >= 1, "max-attempts", "MAX_ATTEMPTS", "at least 1")?;
+        range(!self.initial_backoff.is_zero(), "initial-backoff", "INITIAL_BACKOFF", "greater than 0")?;
+        if self.initial_backoff > self.max_backoff {
+            return Err(ConfigError::BackoffOrder);
+        }
+        range(!self.attempt_timeout.is_zero(), "attempt-timeout", "ATTEMPT_TIMEOUT", "greater than 0")?;
+        range(!self.ack_timeout.is_zero(), "ack-timeout", "ACK_TIMEOUT", "greater than 0")?;
+        range(self.max_body.as_u64() >= 1, "max-body", "MAX_BODY", "at least 1 byte")?;
+        range(
+            self.max_body.as_u64() <= 1 << 30,
+            "max-body",
+            "MAX_BODY",
+            "at most 1GiB (every pending delivery keeps its body in memory)",
+        )?;
+        // A tokio semaphore holds at most usize::MAX >> 3 permits.
+        range(
+            (1..=1 << 24).contains(&self.max_in_flight),
+            "max-in-flight",
+            "MAX_IN_FLIGHT",
+            "between 1 and 16777216",
+        )?;
+        range(self.delivery_history >= 1, "delivery-history", "DELIVERY_HISTORY", "at least 1")?;
+
+        let entries: Vec<&str> = self.backends.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
+        if entries.is_empty() {
+            return Err(ConfigError::NoBackends);
+        }
+        let mut pool: Vec<BackendAddr> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let addr: BackendAddr = entry.parse()?;
+            if pool.iter().any(|b| b.url() == addr.url()) {
+                return Err(ConfigError::DuplicateBackend(entry.to_owned()));
+            }
+            pool.push(addr);
+        }
+        Ok(pool)
+    }
+
+    /// The address of the metrics listener: the IP of `--listen` with `--metrics-port`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.listen.ip(), self.metrics_port)
+    }
+}
+
+/// Parses a human duration (`250ms`, `64s`, `1m 30s`); a bare number is read as seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 250ms, 64s, 1m)"))
+}
+
+/// Parses a human size (`64KiB`, `1MB`, `65536`).
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.trim().parse::<ByteSize>().map_err(|e| format!("{e} (expected e.g. 64KiB, 1MiB, 65536)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let mut argv = vec!["fanout"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv)
+    }
+
+    fn valid(args: &[&str]) -> Result<Vec<BackendAddr>, ConfigError> {
+        parse(args).expect("parses").validate()
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = parse(&["--backends", "server1:8080"]).expect("parses");
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(c.metrics_port, 8000);
+        assert_eq!(c.max_attempts, 100);
+        assert_eq!(c.initial_backoff, Duration::from_secs(1));
+        assert_eq!(c.max_backoff, Duration::from_secs(64));
+        assert_eq!(c.max_jitter, Duration::from_millis(100));
+        assert_eq!(c.attempt_timeout, Duration::from_secs(10));
+        assert_eq!(c.ack, AckPolicy::First);
+        assert_eq!(c.ack_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_body, ByteSize::kib(64));
+        assert_eq!(c.max_in_flight, 10_000);
+        assert_eq!(c.metrics_addr(), "0.0.0.0:8000".parse().expect("addr"));
+    }
+
+    #[test]
+    fn human_units_and_lists_parse() {
+        let c = parse(&[
+            "--backends",
+            "server1:8080, http://server2:9000/api ,server3:8080",
+            "--initial-backoff",
+            "250ms",
+            "--max-backoff",
+            "1m",
+            "--max-jitter",
+            "0s",
+            "--max-body",
+            "1MiB",
+            "--ack",
+            "quorum",
+            "--ack-timeout",
+            "5",
+        ])
+        .expect("parses");
+        assert_eq!(c.initial_backoff, Duration::from_millis(250));
+        assert_eq!(c.max_backoff, Duration::from_secs(60));
+        assert_eq!(c.max_jitter, Duration::ZERO);
+        assert_eq!(c.max_body, ByteSize::mib(1));
+        assert_eq!(c.ack, AckPolicy::Quorum);
+        assert_eq!(c.ack_timeout, Duration::from_secs(5));
+        let pool = c.validate().expect("valid");
+        let labels: Vec<&str> = pool.iter().map(|b| b.label()).collect();
+        assert_eq!(labels, ["server1:8080", "http://server2:9000/api", "server3:8080"]);
+    }
+
+    #[test]
+    fn unparsable_values_are_rejected_by_clap_naming_the_flag() {
+        for (flag, value) in [
+            ("--max-backoff", "soon"),
+            ("--max-body", "big"),
+            ("--ack", "most"),
+            ("--max-attempts", "-1"),
+            ("--listen", "nowhere"),
+            ("--metrics-port", "70000"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let err = parse(&["--backends", "a:1", &arg]).expect_err(flag);
+            let text = err.to_string();
+            assert!(text.contains(flag), "{flag}: {text}");
+            assert_eq!(err.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn every_validation_rule_names_its_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--backends"),
+            (&["--backends", " , "], "--backends"),
+            (&["--backends", "server1"], "--backends"),
+            (&["--backends", "ftp://server1:21"], "--backends"),
+            (&["--backends", "a:1,a:1"], "listed twice"),
+            (&["--backends", "a:1", "--max-attempts", "0"], "--max-attempts"),
+            (&["--backends", "a:1", "--initial-backoff", "0s"], "--initial-backoff"),
+            (&["--backends", "a:1", "--initial-backoff", "2m"], "--max-backoff"),
+            (&["--backends", "a:1", "--attempt-timeout", "0s"], "--attempt-timeout"),
+            (&["--backends", "a:1", "--ack-timeout", "0s"], "--ack-timeout"),
+            (&["--backends", "a:1", "--max-body", "0"], "--max-body"),
+            (&["--backends", "a:1", "--max-body", "2GiB"], "--max-body"),
+            (&["--backends", "a:1", "--max-in-flight", "0"], "--max-in-flight"),
+            (&["--backends", "a:1", "--delivery-history", "0"], "--delivery-history"),
+        ];
+        for (args, needle) in cases {
+            let err = valid(args).expect_err(needle);
+            let line = err.to_string();
+            assert!(line.contains(needle), "{args:?}: {line}");
+            assert!(!line.contains('\n'), "one line: {line}");
+        }
+    }
+
+    #[test]
+    fn ack_policy_thresholds() {
+        assert_eq!(AckPolicy::First.required(3), 1);
+        assert_eq!(AckPolicy::Quorum.required(3), 2);
+        assert_eq!(AckPolicy::Quorum.required(4), 3);
+        assert_eq!(AckPolicy::Quorum.required(1), 1);
+        assert_eq!(AckPolicy::All.required(3), 3);
+    }
+}

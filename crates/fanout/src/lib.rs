@@ -1,0 +1,143 @@
+//! The fanout service: it delivers every write it receives to every backend of a pool, each backend retried on
+//! its own with truncated exponential backoff and jitter, and answers the client per an ack policy. It rebuilds
+//! the aiohttp load balancer of `schefs/load_balancer_service` (see DESIGN.md) with bounded memory, clear answers
+//! to bad input and the original's Prometheus series.
+//!
+//! # Layout
+//! - [`config`]: the command line and environment ([`Config`]), validated before any port is bound.
+//! - [`backoff`]: the retry schedule as pure functions, and `Retry-After` parsing.
+//! - [`backend`]: a backend's address and the classification of an attempt's result.
+//! - [`forward`]: which headers cross to the backends, and the ids added to them.
+//! - [`delivery`]: one write on its way to every backend; the ack policy's decision; the in-flight bound.
+//! - [`routes`]: the axum routers and the error type clients see.
+//! - [`metrics`]: every metric name and HELP text.
+//!
+//! [`run`] is the seam: `main` and the tests call it with a config and two bound listeners.
+
+pub mod backend;
+pub mod backoff;
+pub mod config;
+pub mod delivery;
+pub mod forward;
+pub mod metrics;
+pub mod routes;
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use crate::config::{AckPolicy, Config, ConfigError, LogFormat};
+use crate::delivery::{DispatchSettings, Dispatcher};
+use crate::metrics::Metrics;
+use crate::routes::AppState;
+
+/// How often histogram buffers are drained into the exposition.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why [`run`] stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// A listener failed.
+    #[error("listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the API on `api` and `/metrics` on `metrics_listener` until `shutdown` resolves, then stops accepting
+/// writes, waits up to `--shutdown-timeout` for deliveries in flight and returns.
+///
+/// # Errors
+/// [`RunError`] when the config is invalid, the HTTP client cannot be built, or a listener fails.
+pub async fn run(
+    config: Config,
+    api: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let pool = config.validate()?;
+    let metrics = Metrics::new();
+    let dispatcher = Dispatcher::new(
+        DispatchSettings {
+            pool,
+            backoff: backoff::Backoff {
+                initial: config.initial_backoff,
+                max: config.max_backoff,
+                max_jitter: config.max_jitter,
+            },
+            max_attempts: config.max_attempts,
+            attempt_timeout: config.attempt_timeout,
+            ack: config.ack,
+            max_in_flight: config.max_in_flight,
+            history: config.delivery_history,
+            pool_idle_timeout: config.pool_idle_timeout,
+        },
+        metrics.clone(),
+    )?;
+    let state = AppState { dispatcher: dispatcher.clone(), metrics: metrics.clone(), ack_timeout: config.ack_timeout };
+    let max_body = usize::try_from(config.max_body.as_u64()).unwrap_or(usize::MAX);
+    let api_router = routes::api_router(state, max_body);
+
+    tracing::info!(
+        api = %api.local_addr()?,
+        metrics = %metrics_listener.local_addr()?,
+        backends = %config.backends.join(","),
+        ack = config.ack.as_str(),
+        max_attempts = config.max_attempts,
+        "fanout listening"
+    );
+
+    let (stop_api, api_stopped) = watch::channel(false);
+    let (stop_metrics, metrics_stopped) = watch::channel(false);
+    let api_server = tokio::spawn(
+        axum::serve(api, api_router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(signalled(api_stopped))
+            .into_future(),
+    );
+    let metrics_server = tokio::spawn(
+        axum::serve(metrics_listener, routes::metrics_router(metrics.clone()))
+            .with_graceful_shutdown(signalled(metrics_stopped))
+            .into_future(),
+    );
+    let upkeep = tokio::spawn({
+        let metrics = metrics.clone();
+        async move {
+            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                metrics.run_upkeep();
+            }
+        }
+    });
+
+    shutdown.await;
+    tracing::info!(in_flight = dispatcher.in_flight(), "shutting down: no new writes accepted");
+    let _ = stop_api.send(true);
+    let pending = dispatcher.close(config.shutdown_timeout).await;
+    if pending > 0 {
+        tracing::warn!(
+            pending,
+            "deliveries still pending at exit are lost: their backends may miss these writes"
+        );
+    } else {
+        tracing::info!("every delivery in flight finished");
+    }
+    // Handlers answer within --ack-timeout; past the grace period open connections are dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(1), api_server).await;
+    let _ = stop_metrics.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), metrics_server).await;
+    upkeep.abort();
+    Ok(())
+}
+
+/// Resolves once the watch channel says stop (or its sender is gone).
+async fn signalled(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

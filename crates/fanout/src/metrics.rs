@@ -1,0 +1,304 @@
+//! Every metric of the fanout service, declared once with its HELP text (DESIGN 3.8), and the handles the hot path
+//! uses so that no metric is looked up by name per attempt.
+//!
+//! The four series of the original Python service keep their exact names (they are an interface: dashboards and
+//! alerts of its users read them). Our own series follow Prometheus naming: `fanout_` prefix, base units, `_total`
+//! on counters. Labels come from bounded sets only: `domain`/`backend` is a backend as written in the pool,
+//! `route` is the router's matched path, `status` an HTTP status code, `outcome` and `reason` small enums.
+//!
+//! Each [`Metrics`] owns its own Prometheus registry (no global recorder), so several services can run in one
+//! process, as the tests do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::backend::Outcome;
+
+/// Successful attempts (`201`) per backend; name and label from the original service.
+pub const TARGET_SUCCESS: &str = "target_domain_success_counter_total";
+/// Failed attempts (any other outcome) per backend; name and label from the original service.
+pub const TARGET_FAILED: &str = "target_domain_failed_counter_total";
+/// Sum of [`TARGET_SUCCESS`] over backends; name from the original service.
+pub const TOTAL_SUCCESS: &str = "Total_domains_success_counter_total";
+/// Sum of [`TARGET_FAILED`] over backends; name from the original service.
+pub const TOTAL_FAILED: &str = "Total_domains_failed_counter_total";
+/// Client requests answered by the API listener, by route and status.
+pub const REQUESTS: &str = "fanout_requests_total";
+/// Time to answer a client request, by route.
+pub const REQUEST_DURATION: &str = "fanout_request_duration_seconds";
+/// Duration of one attempt to one backend, by outcome.
+pub const ATTEMPT_DURATION: &str = "fanout_attempt_duration_seconds";
+/// Retries scheduled per backend (attempts after the first).
+pub const RETRIES: &str = "fanout_retries_total";
+/// Deliveries to a backend that gave up, by reason.
+pub const DEAD_LETTERS: &str = "fanout_dead_letters_total";
+/// Deliveries not yet finished on every backend.
+pub const IN_FLIGHT: &str = "fanout_deliveries_in_flight";
+/// Deliveries still pending for a backend.
+pub const PENDING: &str = "fanout_pending_deliveries";
+/// 1 when the backend's last attempt got an HTTP answer, 0 when it failed to connect, timed out or broke.
+pub const BACKEND_UP: &str = "fanout_backend_up";
+/// Writes refused because `--max-in-flight` deliveries were already running.
+pub const REJECTED: &str = "fanout_rejected_writes_total";
+
+/// Why a delivery to one backend became a dead letter (label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// `--max-attempts` attempts failed transiently.
+    Exhausted,
+    /// The backend answered with a permanent failure (DESIGN 3.4).
+    Rejected,
+}
+
+impl DeadLetterReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Exhausted => "exhausted",
+            DeadLetterReason::Rejected => "rejected",
+        }
+    }
+}
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// Histogram buckets in seconds, from 1 ms to 30 s (the default `--ack-timeout`).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The registry of one fanout service and its process-wide series. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    total_success: Counter,
+    total_failed: Counter,
+    in_flight: Gauge,
+    rejected: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric described.
+    pub fn new() -> Self {
+        let mut builder = PrometheusBuilder::new();
+        for name in [REQUEST_DURATION, ATTEMPT_DURATION] {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(name.to_owned()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty");
+        }
+        let recorder = builder.build_recorder();
+        let describe: &[(&'static str, Kind, Option<Unit>, &'static str)] = &[
+            (TARGET_SUCCESS, Kind::Counter, None, "Successful attempts (201) per backend."),
+            (TARGET_FAILED, Kind::Counter, None, "Failed attempts (any answer but 201, or no answer) per backend."),
+            (TOTAL_SUCCESS, Kind::Counter, None, "Successful attempts over all backends."),
+            (TOTAL_FAILED, Kind::Counter, None, "Failed attempts over all backends."),
+            (REQUESTS, Kind::Counter, None, "Client requests answered, by route and HTTP status."),
+            (REQUEST_DURATION, Kind::Histogram, Some(Unit::Seconds), "Time to answer a client request, by route."),
+            (ATTEMPT_DURATION, Kind::Histogram, Some(Unit::Seconds), "Duration of one attempt, by backend and outcome."),
+            (RETRIES, Kind::Counter, None, "Retries scheduled per backend (attempts after the first)."),
+            (DEAD_LETTERS, Kind::Counter, None, "Deliveries to a backend that gave up, by reason."),
+            (IN_FLIGHT, Kind::Gauge, None, "Deliveries not yet finished on every backend."),
+            (PENDING, Kind::Gauge, None, "Deliveries still pending for a backend."),
+            (BACKEND_UP, Kind::Gauge, None, "1 if the backend's last attempt got an HTTP answer, else 0."),
+            (REJECTED, Kind::Counter, None, "Writes refused with 503 because --max-in-flight was reached."),
+        ];
+        for (name, kind, unit, help) in describe {
+            let key = KeyName::from_const_str(name);
+            let help = SharedString::const_str(help);
+            match kind {
+                Kind::Counter => recorder.describe_counter(key, *unit, help),
+                Kind::Gauge => recorder.describe_gauge(key, *unit, help),
+                Kind::Histogram => recorder.describe_histogram(key, *unit, help),
+            }
+        }
+        let handle = recorder.handle();
+        let inner = Inner {
+            total_success: recorder.register_counter(&Key::from_static_name(TOTAL_SUCCESS), &METADATA),
+            total_failed: recorder.register_counter(&Key::from_static_name(TOTAL_FAILED), &METADATA),
+            in_flight: recorder.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
+            rejected: recorder.register_counter(&Key::from_static_name(REJECTED), &METADATA),
+            recorder,
+            handle,
+        };
+        // Zero-valued series exist from the start, so dashboards and `rate()` see them before any traffic.
+        inner.total_success.increment(0);
+        inner.total_failed.increment(0);
+        inner.in_flight.set(0.0);
+        inner.rejected.increment(0);
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// The handles of one backend; call once per backend at start.
+    pub fn backend(&self, label: &str) -> BackendMetrics {
+        let r = &self.inner.recorder;
+        let with = |name: &'static str, key: &'static str, extra: Option<(&'static str, &'static str)>| {
+            let mut labels = vec![Label::new(key, label.to_owned())];
+            if let Some((k, v)) = extra {
+                labels.push(Label::new(k, v));
+            }
+            Key::from_parts(name, labels)
+        };
+        let attempt = |outcome: &'static str| r.register_histogram(&with(ATTEMPT_DURATION, "backend", Some(("outcome", outcome))), &METADATA);
+        let m = BackendMetrics {
+            success: r.register_counter(&with(TARGET_SUCCESS, "domain", None), &METADATA),
+            failed: r.register_counter(&with(TARGET_FAILED, "domain", None), &METADATA),
+            total_success: self.inner.total_success.clone(),
+            total_failed: self.inner.total_failed.clone(),
+            retries: r.register_counter(&with(RETRIES, "backend", None), &METADATA),
+            dead_exhausted: r.register_counter(&with(DEAD_LETTERS, "backend", Some(("reason", "exhausted"))), &METADATA),
+            dead_rejected: r.register_counter(&with(DEAD_LETTERS, "backend", Some(("reason", "rejected"))), &METADATA),
+            pending: r.register_gauge(&with(PENDING, "backend", None), &METADATA),
+            up: r.register_gauge(&with(BACKEND_UP, "backend", None), &METADATA),
+            attempt_duration: Outcome::LABELS.map(attempt),
+        };
+        m.success.increment(0);
+        m.failed.increment(0);
+        m.retries.increment(0);
+        m.dead_exhausted.increment(0);
+        m.dead_rejected.increment(0);
+        m.pending.set(0.0);
+        m
+    }
+
+    /// Counts one answered client request.
+    pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
+        let r = &self.inner.recorder;
+        let labels = vec![Label::new("route", route.to_owned()), Label::new("status", status.to_string())];
+        r.register_counter(&Key::from_parts(REQUESTS, labels), &METADATA).increment(1);
+        let labels = vec![Label::new("route", route.to_owned())];
+        r.register_histogram(&Key::from_parts(REQUEST_DURATION, labels), &METADATA).record(elapsed.as_secs_f64());
+    }
+
+    /// The gauge of deliveries in flight.
+    pub fn in_flight(&self) -> &Gauge {
+        &self.inner.in_flight
+    }
+
+    /// Counts one write refused at the in-flight bound.
+    pub fn rejected(&self) {
+        self.inner.rejected.increment(1);
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        self.inner.handle.render()
+    }
+
+    /// Drains histogram buffers; the service calls it on an interval (the exporter does not on its own).
+    pub fn run_upkeep(&self) {
+        self.inner.handle.run_upkeep();
+    }
+}
+
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// The series of one backend, registered once. Cheap to clone.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    success: Counter,
+    failed: Counter,
+    total_success: Counter,
+    total_failed: Counter,
+    retries: Counter,
+    dead_exhausted: Counter,
+    dead_rejected: Counter,
+    pending: Gauge,
+    up: Gauge,
+    attempt_duration: [Histogram; Outcome::LABELS.len()],
+}
+
+impl BackendMetrics {
+    /// Records one finished attempt: the original's success/failed counters, its duration, and `backend_up`.
+    pub fn attempt(&self, outcome: Outcome, elapsed: Duration) {
+        if outcome == Outcome::Success {
+            self.success.increment(1);
+            self.total_success.increment(1);
+        } else {
+            self.failed.increment(1);
+            self.total_failed.increment(1);
+        }
+        self.up.set(if outcome.got_answer() { 1.0 } else { 0.0 });
+        self.attempt_duration[outcome.index()].record(elapsed.as_secs_f64());
+    }
+
+    /// Counts one scheduled retry.
+    pub fn retry(&self) {
+        self.retries.increment(1);
+    }
+
+    /// Counts one dead letter.
+    pub fn dead_letter(&self, reason: DeadLetterReason) {
+        match reason {
+            DeadLetterReason::Exhausted => self.dead_exhausted.increment(1),
+            DeadLetterReason::Rejected => self.dead_rejected.increment(1),
+        }
+    }
+
+    /// The gauge of deliveries pending for this backend.
+    pub fn pending(&self) -> &Gauge {
+        &self.pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of one sample line `name{labels} value`, or of `name value` when `labels` is empty.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn original_series_keep_their_names_and_sum() {
+        let m = Metrics::new();
+        let a = m.backend("server1:8080");
+        let b = m.backend("server2:8080");
+        a.attempt(Outcome::Success, Duration::from_millis(3));
+        a.attempt(Outcome::Status5xx, Duration::from_millis(3));
+        a.attempt(Outcome::Status5xx, Duration::from_millis(3));
+        b.attempt(Outcome::Success, Duration::from_millis(3));
+        b.attempt(Outcome::Timeout, Duration::from_millis(3));
+        let text = m.render();
+        assert_eq!(sample(&text, r#"target_domain_success_counter_total{domain="server1:8080"}"#), Some(1.0));
+        assert_eq!(sample(&text, r#"target_domain_failed_counter_total{domain="server1:8080"}"#), Some(2.0));
+        assert_eq!(sample(&text, r#"target_domain_failed_counter_total{domain="server2:8080"}"#), Some(1.0));
+        assert_eq!(sample(&text, "Total_domains_success_counter_total"), Some(2.0));
+        assert_eq!(sample(&text, "Total_domains_failed_counter_total"), Some(3.0));
+        assert_eq!(sample(&text, r#"fanout_backend_up{backend="server2:8080"}"#), Some(0.0));
+        assert!(text.contains("# HELP target_domain_success_counter_total"), "{text}");
+        assert!(text.contains(r#"fanout_attempt_duration_seconds_bucket{backend="server1:8080",outcome="status_5xx",le="0.005"} 2"#), "{text}");
+    }
+
+    #[test]
+    fn request_series_are_labelled_by_route_and_status() {
+        let m = Metrics::new();
+        m.request("/register", 201, Duration::from_millis(2));
+        m.request("/register", 201, Duration::from_millis(2));
+        m.request("/register", 413, Duration::from_millis(1));
+        let text = m.render();
+        assert_eq!(sample(&text, r#"fanout_requests_total{route="/register",status="201"}"#), Some(2.0));
+        assert_eq!(sample(&text, r#"fanout_requests_total{route="/register",status="413"}"#), Some(1.0));
+        assert_eq!(sample(&text, r#"fanout_request_duration_seconds_count{route="/register"}"#), Some(3.0));
+    }
+}

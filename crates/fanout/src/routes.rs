@@ -1,0 +1,214 @@
+//! The HTTP surface of the fanout service (DESIGN 3.7): the API router (writes, health, deliveries) and the
+//! metrics router, and the one place that turns an [`ApiError`] into what a client sees.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, OriginalUri, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::config::AckPolicy;
+use crate::delivery::{Answer, Decision, DeliveryStatus, Dispatcher, SubmitError};
+use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
+use crate::metrics::Metrics;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Starts and remembers deliveries.
+    pub dispatcher: Dispatcher,
+    /// The service's metrics.
+    pub metrics: Metrics,
+    /// How long a client waits for its ack policy before `202`.
+    pub ack_timeout: Duration,
+}
+
+/// Everything a client can be told instead of a delivery's own answer. Internal detail stays in the log.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request body could not be read or is too large (status from axum: 413 or 400).
+    #[error("{0}")]
+    Body(#[from] BytesRejection),
+    /// A malformed identifier header.
+    #[error(transparent)]
+    BadHeader(#[from] forward::BadHeader),
+    /// `--max-in-flight` deliveries are running.
+    #[error("too many deliveries in flight; retry later")]
+    Busy,
+    /// The service is shutting down.
+    #[error("shutting down; retry on another instance")]
+    ShuttingDown,
+    /// A delivery id that is unknown or was forgotten.
+    #[error("no recent delivery with this id")]
+    UnknownDelivery,
+    /// The delivery task ended without a decision (it panicked); the delivery state is unknown.
+    #[error("internal error")]
+    Internal,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::Body(rejection) => rejection.status(),
+            ApiError::BadHeader(_) => StatusCode::BAD_REQUEST,
+            ApiError::Busy | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UnknownDelivery => StatusCode::NOT_FOUND,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match &self {
+            ApiError::Body(_) if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                "request body is larger than the limit (--max-body); nothing was forwarded".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut response = (status, Json(json!({ "error": message }))).into_response();
+        if matches!(self, ApiError::Busy | ApiError::ShuttingDown) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// The API router: `POST /register`, `POST /changePassword`, `GET /`, `GET /healthz`, `GET /readyz`,
+/// `GET /deliveries/{id}`. Bodies larger than `max_body` bytes are refused with `413` before anything is sent.
+pub fn api_router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/register", post(write))
+        .route("/changePassword", post(write))
+        .route("/", get(index))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/deliveries/{id}", get(delivery))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), record_request))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The metrics router: `GET /metrics` (Prometheus text format 0.0.4) and `GET /healthz`.
+pub fn metrics_router(metrics: Metrics) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Metrics>| async move {
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render())
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(metrics)
+}
+
+/// Counts every answered request by matched route and status, and times it.
+async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| match p.as_str() {
+        "/register" => "/register",
+        "/changePassword" => "/changePassword",
+        "/" => "/",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/deliveries/{id}" => "/deliveries/{id}",
+        _ => "other",
+    });
+    let response = next.run(request).await;
+    state.metrics.request(route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn index() -> &'static str {
+    "fanout: POST /register or /changePassword (form or JSON body) to write to every backend; \
+     GET /deliveries/{id} for a delivery's progress; metrics on the metrics port at /metrics\n"
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({ "error": "no such route; writes are POST /register and POST /changePassword" })))
+        .into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.dispatcher.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: at the in-flight bound or shutting down\n").into_response()
+    }
+}
+
+async fn delivery(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::UnknownDelivery)?;
+    let status = state.dispatcher.lookup(&id).ok_or(ApiError::UnknownDelivery)?;
+    Ok(Json(status.summary()).into_response())
+}
+
+/// `POST /register` and `POST /changePassword`: deliver to every backend, answer per the ack policy.
+async fn write(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    OriginalUri(uri): OriginalUri,
+    method: Method,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let client_key = forward::client_token(&headers, &IDEMPOTENCY_KEY)?;
+    let request_id = forward::client_token(&headers, &X_REQUEST_ID)?;
+    let id = Uuid::now_v7();
+    let id_text = HeaderValue::from_str(&id.to_string()).map_err(|_| ApiError::Internal)?;
+    let request = ForwardRequest {
+        method,
+        path_and_query: uri.path_and_query().map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+        headers: forward::forwarded_headers(
+            &headers,
+            client_key.unwrap_or_else(|| id_text.clone()),
+            request_id.unwrap_or_else(|| id_text.clone()),
+            Some(peer.ip()),
+        ),
+        body,
+    };
+    let submitted = state.dispatcher.submit(id, request).map_err(|e| match e {
+        SubmitError::Busy => ApiError::Busy,
+        SubmitError::ShuttingDown => ApiError::ShuttingDown,
+    })?;
+    let mut response = match tokio::time::timeout(state.ack_timeout, submitted.reply).await {
+        Ok(Ok(reply)) => answer(reply.decision, state.dispatcher.ack_policy(), &submitted.status),
+        Ok(Err(_)) => return Err(ApiError::Internal),
+        Err(_) => {
+            let mut r = (StatusCode::ACCEPTED, Json(submitted.status.summary())).into_response();
+            if let Ok(location) = HeaderValue::from_str(&format!("/deliveries/{id}")) {
+                r.headers_mut().insert(header::LOCATION, location);
+            }
+            r
+        }
+    };
+    response.headers_mut().insert(X_DELIVERY_ID.clone(), id_text);
+    Ok(response)
+}
+
+/// The client's answer for a decided delivery (DESIGN 3.6).
+fn answer(decision: Decision, policy: AckPolicy, status: &Arc<DeliveryStatus>) -> Response {
+    match decision {
+        Decision::Acked { answer } if policy == AckPolicy::First => passed_back(answer),
+        Decision::Acked { .. } => (StatusCode::CREATED, Json(status.summary())).into_response(),
+        Decision::PassBack { answer } => passed_back(answer),
+        Decision::Unmet | Decision::Wait => (StatusCode::BAD_GATEWAY, Json(status.summary())).into_response(),
+    }
+}
+
+fn passed_back(answer: Answer) -> Response {
+    let mut response = (answer.status, answer.body).into_response();
+    match answer.content_type {
+        Some(ct) => response.headers_mut().insert(header::CONTENT_TYPE, ct),
+        None => response.headers_mut().remove(header::CONTENT_TYPE),
+    };
+    response
+}
