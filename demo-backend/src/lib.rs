@@ -337,7 +337,6 @@ async fn users(State(b): State<DemoBackend>) -> Json<UsersView> {
 }
 
 async fn write(State(b): State<DemoBackend>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    delay(&b).await;
     b.writes.fetch_add(1, Ordering::Relaxed);
     {
         let mut store = b.store();
@@ -346,6 +345,7 @@ async fn write(State(b): State<DemoBackend>, uri: Uri, headers: HeaderMap, body:
         }
         store.received.push_back(ReceivedWrite { path: uri.path().to_owned(), headers: headers.clone(), body_len: body.len() });
     }
+    delay(&b).await;
     let (status, answer) = b.apply(uri.path(), &headers, &body);
     tracing::info!(path = uri.path(), status = status.as_u16(), body_len = body.len(), "write");
     text(status, answer)

@@ -1,0 +1,131 @@
+//! Shared harness of the integration tests: real demo backends and a real fanout service, in this process, each
+//! on its own `127.0.0.1:0` listener, talking real HTTP. Config is injected (parsed from an argument list), never
+//! read from a mutated environment; waits are conditions with deadlines.
+#![allow(dead_code, missing_docs)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use demo_backend::{DemoBackend, Settings};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// One running demo replica.
+pub struct Replica {
+    pub backend: DemoBackend,
+    pub addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Replica {
+    pub fn label(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+pub async fn replica(settings: Settings) -> Replica {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind replica");
+    let addr = listener.local_addr().expect("addr");
+    let backend = DemoBackend::new(settings);
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(demo_backend::run(backend.clone(), listener, async move {
+        let _ = rx.await;
+    }));
+    Replica { backend, addr, _stop: tx }
+}
+
+pub async fn replicas(n: usize) -> Vec<Replica> {
+    let mut out = Vec::new();
+    for i in 1..=n {
+        out.push(replica(Settings::for_test(&format!("server{i}"))).await);
+    }
+    out
+}
+
+/// One running fanout service.
+pub struct Fanout {
+    pub api: SocketAddr,
+    pub metrics: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), fanout::RunError>>>,
+}
+
+impl Fanout {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics)).await.expect("scrape").text().await.expect("text")
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("join").expect("run ok");
+        }
+    }
+}
+
+/// Millisecond backoffs so that retries finish quickly in tests that talk real HTTP (paused time cannot be used
+/// with real sockets: the clock would jump past every attempt timeout while a request is on the wire).
+pub const FAST: &[&str] = &["--initial-backoff", "10ms", "--max-backoff", "40ms", "--max-jitter", "0s"];
+
+pub async fn fanout(pool: &[&Replica], extra: &[&str]) -> Fanout {
+    let pool_arg = pool.iter().map(|r| r.label()).collect::<Vec<_>>().join(",");
+    let mut args = vec!["fanout", "--listen", "127.0.0.1:0", "--metrics-port", "0", "--backends", &pool_arg];
+    args.extend_from_slice(FAST);
+    args.extend_from_slice(extra);
+    let config = fanout::Config::try_parse_from(args).expect("test config parses");
+    let api = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
+    let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+    let (api_addr, metrics_addr) = (api.local_addr().expect("addr"), metrics.local_addr().expect("addr"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(fanout::run(config, api, metrics, async move {
+        let _ = rx.await;
+    }));
+    Fanout { api: api_addr, metrics: metrics_addr, stop: Some(tx), task: Some(task) }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client")
+}
+
+pub async fn post_form(url: &str, form: &str) -> reqwest::Response {
+    client()
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form.to_owned())
+        .send()
+        .await
+        .expect("post")
+}
+
+/// Polls `check` every 10 ms until it returns true or `within` passes; panics with `what` then.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The value of one sample `series value` in a Prometheus text exposition.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}

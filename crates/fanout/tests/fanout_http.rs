@@ -1,0 +1,324 @@
+//! Integration tests of the fanout service over real HTTP: a real fanout router and three real demo replicas, each
+//! on its own `127.0.0.1:0` listener (DESIGN 3; issue "the stack runs end to end", Tests).
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{eventually, fanout, post_form, replica, replicas, sample};
+use demo_backend::Settings;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn a_write_reaches_every_backend() {
+    let pool = replicas(3).await;
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &[]).await;
+    let resp = post_form(&lb.url("/register"), "username=ann&password=secret").await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert!(resp.headers().contains_key("x-delivery-id"));
+    assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    let body = resp.text().await.expect("body");
+    assert!(body.starts_with("register on server"), "{body}");
+    eventually(WAIT, "user on every replica", || async { pool.iter().all(|r| r.backend.users().count == 1) }).await;
+    let views: Vec<_> = pool.iter().map(|r| r.backend.users().users).collect();
+    assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:?}");
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_backend_that_fails_twice_gets_the_write_on_its_third_attempt() {
+    let pool = replicas(3).await;
+    pool[1].backend.fail_next(&[StatusCode::INTERNAL_SERVER_ERROR, StatusCode::SERVICE_UNAVAILABLE]);
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--ack", "all"]).await;
+    let resp = post_form(&lb.url("/register"), "username=bo&password=pw").await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let summary: Value = resp.json().await.expect("json summary");
+    assert_eq!(summary["state"], "delivered");
+    let attempts: Vec<u64> = summary["backends"].as_array().expect("array").iter().map(|b| b["attempts"].as_u64().expect("n")).collect();
+    assert_eq!(attempts, [1, 3, 1]);
+    assert_eq!(pool[1].backend.writes_received(), 3);
+
+    let text = lb.metrics_text().await;
+    let flaky = pool[1].label();
+    assert_eq!(sample(&text, &format!("target_domain_success_counter_total{{domain=\"{flaky}\"}}")), Some(1.0));
+    assert_eq!(sample(&text, &format!("target_domain_failed_counter_total{{domain=\"{flaky}\"}}")), Some(2.0));
+    assert_eq!(sample(&text, &format!("target_domain_failed_counter_total{{domain=\"{}\"}}", pool[0].label())), Some(0.0));
+    assert_eq!(sample(&text, "Total_domains_success_counter_total"), Some(3.0));
+    assert_eq!(sample(&text, "Total_domains_failed_counter_total"), Some(2.0));
+    assert_eq!(sample(&text, &format!("fanout_retries_total{{backend=\"{flaky}\"}}")), Some(2.0));
+    assert_eq!(sample(&text, &format!("fanout_pending_deliveries{{backend=\"{flaky}\"}}")), Some(0.0));
+    assert_eq!(sample(&text, "fanout_deliveries_in_flight"), Some(0.0));
+    assert_eq!(sample(&text, r#"fanout_requests_total{route="/register",status="201"}"#), Some(1.0));
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_error_every_backend_agrees_on_is_passed_back_and_not_retried() {
+    let pool = replicas(3).await;
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &[]).await;
+    let resp = post_form(&lb.url("/register"), "username=only-a-name").await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.text().await.expect("body"), "missing field: password\n");
+    let resp = post_form(&lb.url("/changePassword"), "username=nobody&password=x").await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    for r in &pool {
+        assert_eq!(r.backend.writes_received(), 2, "one attempt per write on {}", r.label());
+        assert_eq!(r.backend.users().count, 0);
+    }
+    let text = lb.metrics_text().await;
+    assert_eq!(sample(&text, &format!("fanout_dead_letters_total{{backend=\"{}\",reason=\"rejected\"}}", pool[0].label())), Some(2.0));
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn quorum_waits_for_a_majority_and_all_fails_fast_when_one_replica_refuses() {
+    let pool = replicas(3).await;
+    pool[0].backend.fail_next(&[StatusCode::INTERNAL_SERVER_ERROR; 3]);
+    pool[1].backend.fail_next(&[StatusCode::INTERNAL_SERVER_ERROR; 3]);
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--ack", "quorum"]).await;
+    let resp = post_form(&lb.url("/register"), "username=q&password=pw").await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let summary: Value = resp.json().await.expect("json");
+    let delivered = summary["backends"].as_array().expect("array").iter().filter(|b| b["state"] == "delivered").count();
+    assert!(delivered >= 2, "{summary}");
+    lb.stop().await;
+
+    // Under `all`, a replica that refuses what the others accept makes the policy unmeetable: 502 with a summary.
+    let pool = replicas(3).await;
+    for r in &pool[..2] {
+        let form = "username=dora&password=pw";
+        let direct = post_form(&format!("http://{}/register", r.addr), form).await;
+        assert_eq!(direct.status(), StatusCode::CREATED);
+    }
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--ack", "all"]).await;
+    let resp = post_form(&lb.url("/changePassword"), "username=dora&password=new").await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let summary: Value = resp.json().await.expect("json");
+    assert_eq!(summary["state"], "failed");
+    assert_eq!(summary["backends"][2]["status"], 404);
+    assert_eq!(summary["backends"][2]["state"], "dead_letter");
+    assert_eq!(summary["backends"][2]["reason"], "rejected");
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn past_the_ack_timeout_the_client_gets_202_and_the_delivery_goes_on() {
+    let pool = replicas(3).await;
+    pool[2].backend.fail_next(&[StatusCode::INTERNAL_SERVER_ERROR; 8]);
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--ack", "all", "--ack-timeout", "100ms"]).await;
+    let resp = post_form(&lb.url("/register"), "username=late&password=pw").await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let id = resp.headers()["x-delivery-id"].to_str().expect("ascii").to_owned();
+    assert_eq!(resp.headers()["location"], format!("/deliveries/{id}").as_str());
+    let summary: Value = resp.json().await.expect("json");
+    assert_eq!(summary["state"], "pending");
+    assert_eq!(summary["delivery_id"], id.as_str());
+
+    let status_url = lb.url(&format!("/deliveries/{id}"));
+    eventually(WAIT, "delivery finished", || async {
+        let v: Value = reqwest::get(&status_url).await.expect("get").json().await.expect("json");
+        v["state"] == "delivered"
+    })
+    .await;
+    let v: Value = reqwest::get(&status_url).await.expect("get").json().await.expect("json");
+    assert_eq!(v["backends"][2]["attempts"], 9);
+    assert_eq!(pool[2].backend.users().count, 1);
+    let unknown = reqwest::get(lb.url("/deliveries/0190a1b2-0000-7000-8000-000000000000")).await.expect("get");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let garbage = reqwest::get(lb.url("/deliveries/not-an-id")).await.expect("get");
+    assert_eq!(garbage.status(), StatusCode::NOT_FOUND);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_body_gets_413_and_nothing_is_forwarded() {
+    let pool = replicas(3).await;
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--max-body", "1KiB"]).await;
+    let big = format!("username=big&password={}", "x".repeat(2000));
+    let resp = post_form(&lb.url("/register"), &big).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: Value = resp.json().await.expect("json error");
+    assert!(v["error"].as_str().expect("message").contains("--max-body"), "{v}");
+    // Just under the limit passes.
+    let fits = format!("username=fits&password={}", "x".repeat(900));
+    assert_eq!(post_form(&lb.url("/register"), &fits).await.status(), StatusCode::CREATED);
+    eventually(WAIT, "the fitting write everywhere", || async { pool.iter().all(|r| r.backend.users().count == 1) }).await;
+    for r in &pool {
+        assert_eq!(r.backend.writes_received(), 1);
+    }
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_stripped_host_is_rewritten_and_ids_are_shared() {
+    let pool = replicas(3).await;
+    pool[0].backend.fail_next(&[StatusCode::BAD_GATEWAY, StatusCode::TOO_MANY_REQUESTS]);
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--ack", "all"]).await;
+    let resp = common::client()
+        .post(lb.url("/register"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret-hop")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-request-id", "req-42")
+        .header("x-app", "kept")
+        .header("host", "public.example")
+        .body("username=hh&password=pw")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let mut keys = Vec::new();
+    for r in &pool {
+        let received = r.backend.received();
+        assert!(!received.is_empty());
+        for w in &received {
+            let h = &w.headers;
+            for gone in ["x-hop", "keep-alive", "proxy-authorization", "te", "expect"] {
+                assert!(!h.contains_key(gone), "{gone} reached {}", r.label());
+            }
+            assert_eq!(h["host"], r.label().as_str(), "Host is the backend's own");
+            assert_eq!(h["x-app"], "kept");
+            assert_eq!(h["x-request-id"], "req-42");
+            assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+            assert_eq!(h["content-length"], "23");
+            keys.push(h["idempotency-key"].to_str().expect("ascii").to_owned());
+        }
+    }
+    assert_eq!(keys.len(), 5, "three first attempts and two retries");
+    assert!(keys.windows(2).all(|w| w[0] == w[1]), "one key for every attempt to every backend: {keys:?}");
+    assert_eq!(keys[0], resp.headers()["x-delivery-id"].to_str().expect("ascii"), "fresh key = delivery id");
+
+    // A client's own key is kept as is; a malformed one is refused before anything is sent.
+    let resp = common::client()
+        .post(lb.url("/register"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("idempotency-key", "client-key-1")
+        .body("username=ck&password=pw")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(pool[1].backend.received().last().expect("one").headers["idempotency-key"], "client-key-1");
+    let before = pool[1].backend.writes_received();
+    let resp = common::client()
+        .post(lb.url("/register"))
+        .header("idempotency-key", "has space")
+        .body("username=ck&password=pw")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(pool[1].backend.writes_received(), before);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_does_not_cancel_its_delivery() {
+    let pool = vec![
+        replica(Settings { response_delay: Duration::from_millis(300), ..Settings::for_test("slow1") }).await,
+        replica(Settings { response_delay: Duration::from_millis(300), ..Settings::for_test("slow2") }).await,
+        replica(Settings::for_test("fast")).await,
+    ];
+    pool[2].backend.fail_next(&[StatusCode::INTERNAL_SERVER_ERROR; 3]);
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &[]).await;
+    let body = "username=gone&password=pw";
+    let raw = format!(
+        "POST /register HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(lb.api).await.expect("connect");
+    conn.write_all(raw.as_bytes()).await.expect("send");
+    conn.flush().await.expect("flush");
+    // Hang up once the write has started on a backend, before any answer.
+    eventually(WAIT, "the write reached a backend", || async { pool[2].backend.writes_received() >= 1 }).await;
+    drop(conn);
+    eventually(WAIT, "delivered everywhere after the client left", || async {
+        pool.iter().all(|r| r.backend.users().count == 1)
+    })
+    .await;
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn past_max_in_flight_writes_get_503_and_nothing_is_forwarded() {
+    let slow = Settings { response_delay: Duration::from_millis(500), ..Settings::for_test("slow") };
+    let pool = vec![replica(slow.clone()).await, replica(slow.clone()).await, replica(slow).await];
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--max-in-flight", "1"]).await;
+    let url = lb.url("/register");
+    let first = tokio::spawn(async move { post_form(&url, "username=one&password=pw").await });
+    eventually(WAIT, "first delivery in flight", || async { pool[0].backend.writes_received() == 1 }).await;
+    let ready = reqwest::get(lb.url("/readyz")).await.expect("readyz");
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let resp = post_form(&lb.url("/register"), "username=two&password=pw").await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(first.await.expect("join").status(), StatusCode::CREATED);
+    eventually(WAIT, "first delivery done", || async { pool.iter().all(|r| r.backend.users().count == 1) }).await;
+    for r in &pool {
+        assert_eq!(r.backend.writes_received(), 1, "the refused write never left");
+        assert_eq!(r.backend.users().users[0].username, "one");
+    }
+    let text = lb.metrics_text().await;
+    assert_eq!(sample(&text, "fanout_rejected_writes_total"), Some(1.0));
+    assert_eq!(reqwest::get(lb.url("/readyz")).await.expect("readyz").status(), StatusCode::OK);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_backend_is_retried_until_attempts_run_out_then_dead_lettered() {
+    let pool = replicas(2).await;
+    // A port with nothing listening: bind, note it, close.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let labels = format!("{},{},{}", pool[0].label(), pool[1].label(), dead);
+    let config_args = ["--max-attempts", "4", "--backends", labels.as_str()];
+    let lb = fanout(&[], &config_args).await;
+    let resp = post_form(&lb.url("/register"), "username=dl&password=pw").await;
+    assert_eq!(resp.status(), StatusCode::CREATED, "first ack comes from a live backend");
+    let id = resp.headers()["x-delivery-id"].to_str().expect("id").to_owned();
+    let url = lb.url(&format!("/deliveries/{id}"));
+    eventually(WAIT, "dead backend gave up", || async {
+        let v: Value = reqwest::get(&url).await.expect("get").json().await.expect("json");
+        v["state"] == "failed"
+    })
+    .await;
+    let v: Value = reqwest::get(&url).await.expect("get").json().await.expect("json");
+    assert_eq!(v["backends"][2]["attempts"], 4);
+    assert_eq!(v["backends"][2]["reason"], "exhausted");
+    assert_eq!(v["backends"][2]["outcome"], "connect_error");
+    let text = lb.metrics_text().await;
+    assert_eq!(sample(&text, &format!("fanout_dead_letters_total{{backend=\"{dead}\",reason=\"exhausted\"}}")), Some(1.0));
+    assert_eq!(sample(&text, &format!("target_domain_failed_counter_total{{domain=\"{dead}\"}}")), Some(4.0));
+    assert_eq!(sample(&text, &format!("fanout_backend_up{{backend=\"{dead}\"}}")), Some(0.0));
+    assert_eq!(sample(&text, &format!("fanout_backend_up{{backend=\"{}\"}}", pool[0].label())), Some(1.0));
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn endpoints_answer_and_unknown_routes_get_clear_errors() {
+    let pool = replicas(1).await;
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &[]).await;
+    let c = common::client();
+    assert_eq!(c.get(lb.url("/healthz")).send().await.expect("get").status(), StatusCode::OK);
+    assert_eq!(c.get(lb.url("/readyz")).send().await.expect("get").status(), StatusCode::OK);
+    let hint = c.get(lb.url("/")).send().await.expect("get").text().await.expect("text");
+    assert!(hint.contains("POST /register"), "{hint}");
+    let missing = c.get(lb.url("/nope")).send().await.expect("get");
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let wrong_method = c.get(lb.url("/register")).send().await.expect("get");
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let text = lb.metrics_text().await;
+    assert!(text.contains("# HELP Total_domains_success_counter_total"), "{text}");
+    assert!(text.contains(r#"fanout_requests_total{route="unmatched",status="404"}"#), "{text}");
+    lb.stop().await;
+}
