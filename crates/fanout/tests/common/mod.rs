@@ -3,6 +3,8 @@
 //! read from a mutated environment; waits are conditions with deadlines.
 #![allow(dead_code, missing_docs)]
 
+pub mod procs;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
