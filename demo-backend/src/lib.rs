@@ -48,7 +48,11 @@ pub enum LogFormat {
 
 /// Flags and environment of the `demo-backend` binary. The names of the original demo server are kept.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "demo-backend", version, about = "A demo replica: an in-memory user store that can drop writes on purpose.")]
+#[command(
+    name = "demo-backend",
+    version,
+    about = "A demo replica: an in-memory user store that can drop writes on purpose."
+)]
 pub struct Settings {
     /// Name shown in every answer (`logged in on NAME`).
     #[arg(long = "name", env = "SERVER_NAME", default_value = "default_name")]
@@ -222,10 +226,7 @@ impl DemoBackend {
     }
 
     fn apply(&self, path: &str, headers: &HeaderMap, body: &[u8]) -> (StatusCode, String) {
-        let key = headers
-            .get("idempotency-key")
-            .and_then(|v| v.to_str().ok())
-            .map(|k| (path.to_owned(), k.to_owned()));
+        let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(|k| (path.to_owned(), k.to_owned()));
         let mut store = self.store();
         if let Some(status) = store.fail_next.pop() {
             return (status, "request dropped by server\n".to_owned());
@@ -343,7 +344,11 @@ async fn write(State(b): State<DemoBackend>, uri: Uri, headers: HeaderMap, body:
         if store.received.len() >= RECEIVED_MEMORY {
             store.received.pop_front();
         }
-        store.received.push_back(ReceivedWrite { path: uri.path().to_owned(), headers: headers.clone(), body_len: body.len() });
+        store.received.push_back(ReceivedWrite {
+            path: uri.path().to_owned(),
+            headers: headers.clone(),
+            body_len: body.len(),
+        });
     }
     delay(&b).await;
     let (status, answer) = b.apply(uri.path(), &headers, &body);
@@ -393,7 +398,10 @@ mod tests {
         let (h3, body3) = form("username=bob&password=x");
         assert_eq!(b.apply("/changePassword", &h3, &body3).0, StatusCode::NOT_FOUND);
         let (h4, body4) = form("username=bob");
-        assert_eq!(b.apply("/register", &h4, &body4), (StatusCode::BAD_REQUEST, "missing field: password\n".to_owned()));
+        assert_eq!(
+            b.apply("/register", &h4, &body4),
+            (StatusCode::BAD_REQUEST, "missing field: password\n".to_owned())
+        );
         let mut json = HeaderMap::new();
         json.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
         assert_eq!(b.apply("/register", &json, br#"{"username":"cy","password":"p"}"#).0, StatusCode::CREATED);
@@ -444,7 +452,10 @@ mod tests {
         s.skip_probability = 1.0;
         let b = DemoBackend::new(s);
         let (h, body) = form("username=ann&password=one");
-        assert_eq!(b.apply("/register", &h, &body), (StatusCode::INTERNAL_SERVER_ERROR, "request dropped by server\n".to_owned()));
+        assert_eq!(
+            b.apply("/register", &h, &body),
+            (StatusCode::INTERNAL_SERVER_ERROR, "request dropped by server\n".to_owned())
+        );
         assert_eq!(b.users().count, 0);
     }
 

@@ -2,8 +2,8 @@
 //! `SERVER_HOST:SERVER_PORT` and serves until SIGTERM or Ctrl-C. Invalid settings exit with code 2 and one line
 //! naming the flag.
 
-use std::net::SocketAddr;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;

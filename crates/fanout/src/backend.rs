@@ -101,15 +101,8 @@ pub enum Outcome {
 
 impl Outcome {
     /// The `outcome` label values, indexed by [`Outcome::index`].
-    pub const LABELS: [&'static str; 7] = [
-        "success",
-        "status_5xx",
-        "status_retryable",
-        "rejected",
-        "timeout",
-        "connect_error",
-        "transport_error",
-    ];
+    pub const LABELS: [&'static str; 7] =
+        ["success", "status_5xx", "status_retryable", "rejected", "timeout", "connect_error", "transport_error"];
 
     /// Classifies an HTTP status.
     pub fn from_status(status: StatusCode) -> Self {
@@ -214,7 +207,17 @@ mod tests {
         assert_eq!(b.target("/register?x=1"), "http://10.0.0.2:9000/api/register?x=1");
         let c: BackendAddr = "[::1]:8080".parse().expect("ipv6");
         assert_eq!(c.target("/a"), "http://[::1]:8080/a");
-        for bad in ["server1", ":8080", "server1:0", "server1:http", "https://s:1", "ftp://s:1", "http://", "a/b:1", "http://u:p@s:1"] {
+        for bad in [
+            "server1",
+            ":8080",
+            "server1:0",
+            "server1:http",
+            "https://s:1",
+            "ftp://s:1",
+            "http://",
+            "a/b:1",
+            "http://u:p@s:1",
+        ] {
             assert!(bad.parse::<BackendAddr>().is_err(), "{bad}");
         }
     }

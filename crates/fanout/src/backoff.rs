@@ -25,9 +25,7 @@ impl Backoff {
     /// The exponential part before retry `n`: `min(initial * 2^n, max)`, without overflow for any `n`.
     pub fn base(&self, n: u32) -> Duration {
         let factor = 1u32.checked_shl(n).filter(|f| *f != 0);
-        factor
-            .and_then(|f| self.initial.checked_mul(f))
-            .map_or(self.max, |d| d.min(self.max))
+        factor.and_then(|f| self.initial.checked_mul(f)).map_or(self.max, |d| d.min(self.max))
     }
 
     /// A jitter drawn uniformly in `[0, max_jitter]`, at nanosecond resolution.
@@ -69,8 +67,8 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use rand::{Rng, SeedableRng};
     use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     const DEFAULTS: Backoff = Backoff {
         initial: Duration::from_secs(1),

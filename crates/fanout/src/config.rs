@@ -55,7 +55,11 @@ pub enum LogFormat {
 
 /// Command line and environment of the `fanout` binary. The doc comments are the `--help` text.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "fanout", version, about = "Delivers every write to every backend of the pool, retrying each one on its own.")]
+#[command(
+    name = "fanout",
+    version,
+    about = "Delivers every write to every backend of the pool, retrying each one on its own."
+)]
 pub struct Config {
     /// Address of the API listener (writes, health, deliveries).
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
@@ -174,12 +178,7 @@ impl Config {
             "at most 1GiB (every pending delivery keeps its body in memory)",
         )?;
         // A tokio semaphore holds at most usize::MAX >> 3 permits.
-        range(
-            (1..=1 << 24).contains(&self.max_in_flight),
-            "max-in-flight",
-            "MAX_IN_FLIGHT",
-            "between 1 and 16777216",
-        )?;
+        range((1..=1 << 24).contains(&self.max_in_flight), "max-in-flight", "MAX_IN_FLIGHT", "between 1 and 16777216")?;
         range(self.delivery_history >= 1, "delivery-history", "DELIVERY_HISTORY", "at least 1")?;
 
         let entries: Vec<&str> = self.backends.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();

@@ -379,8 +379,11 @@ impl Dispatcher {
             .tcp_nodelay(true)
             .no_proxy()
             .build()?;
-        let backends =
-            settings.pool.iter().map(|addr| Backend { addr: addr.clone(), metrics: metrics.backend(addr.label()) }).collect();
+        let backends = settings
+            .pool
+            .iter()
+            .map(|addr| Backend { addr: addr.clone(), metrics: metrics.backend(addr.label()) })
+            .collect();
         let permits = Arc::new(Semaphore::new(settings.max_in_flight));
         Ok(Self {
             shared: Arc::new(Shared {
@@ -625,7 +628,11 @@ mod tests {
     use std::cell::RefCell;
 
     fn answer(code: u16) -> Answer {
-        Answer { status: StatusCode::from_u16(code).expect("status"), content_type: None, body: Bytes::from_static(b"x") }
+        Answer {
+            status: StatusCode::from_u16(code).expect("status"),
+            content_type: None,
+            body: Bytes::from_static(b"x"),
+        }
     }
     fn ok() -> BackendResult {
         BackendResult::Delivered { attempts: 1, answer: answer(201) }
@@ -655,8 +662,14 @@ mod tests {
             tally(AckPolicy::First, &[(0, rejected(400)), (1, rejected(400)), (2, rejected(400))]),
             Decision::PassBack { answer: answer(400) }
         );
-        assert_eq!(tally(AckPolicy::First, &[(0, rejected(400)), (1, rejected(404)), (2, rejected(400))]), Decision::Unmet);
-        assert_eq!(tally(AckPolicy::First, &[(0, rejected(302)), (1, rejected(302)), (2, rejected(302))]), Decision::Unmet);
+        assert_eq!(
+            tally(AckPolicy::First, &[(0, rejected(400)), (1, rejected(404)), (2, rejected(400))]),
+            Decision::Unmet
+        );
+        assert_eq!(
+            tally(AckPolicy::First, &[(0, rejected(302)), (1, rejected(302)), (2, rejected(302))]),
+            Decision::Unmet
+        );
         assert_eq!(tally(AckPolicy::First, &[(0, rejected(400)), (1, ok())]), Decision::Acked { answer: answer(201) });
     }
 
@@ -691,7 +704,11 @@ mod tests {
 
     /// Runs `retry_loop` under paused time with scripted outcomes; returns the result and the instants (relative
     /// to the start) at which each attempt began.
-    async fn scripted(backoff: Backoff, max_attempts: u32, script: Vec<AttemptResult>) -> (BackendResult, Vec<Duration>) {
+    async fn scripted(
+        backoff: Backoff,
+        max_attempts: u32,
+        script: Vec<AttemptResult>,
+    ) -> (BackendResult, Vec<Duration>) {
         let start = Instant::now();
         let times = RefCell::new(Vec::new());
         let script = RefCell::new(script.into_iter());
@@ -710,7 +727,8 @@ mod tests {
         (result, times.into_inner())
     }
 
-    const EXACT: Backoff = Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(64), max_jitter: Duration::ZERO };
+    const EXACT: Backoff =
+        Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(64), max_jitter: Duration::ZERO };
 
     #[tokio::test(start_paused = true)]
     async fn third_attempt_succeeds_after_one_and_two_seconds() {

@@ -159,7 +159,8 @@ mod tests {
             ("accept", "application/json"),
             ("x-custom", "kept"),
         ]);
-        let out = forwarded_headers(&incoming, HeaderValue::from_static("key-1"), HeaderValue::from_static("req-1"), None);
+        let out =
+            forwarded_headers(&incoming, HeaderValue::from_static("key-1"), HeaderValue::from_static("req-1"), None);
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         for dropped in [
             "host",
@@ -199,7 +200,12 @@ mod tests {
         assert_eq!(out.get(&X_FORWARDED_FOR).expect("set"), "203.0.113.7, 10.1.2.3");
         assert_eq!(out.get_all(&IDEMPOTENCY_KEY).iter().collect::<Vec<_>>(), ["new-key"]);
         assert_eq!(out.get_all(&X_REQUEST_ID).iter().collect::<Vec<_>>(), ["new-req"]);
-        let fresh = forwarded_headers(&HeaderMap::new(), HeaderValue::from_static("k"), HeaderValue::from_static("r"), Some("::1".parse().expect("ip")));
+        let fresh = forwarded_headers(
+            &HeaderMap::new(),
+            HeaderValue::from_static("k"),
+            HeaderValue::from_static("r"),
+            Some("::1".parse().expect("ip")),
+        );
         assert_eq!(fresh.get(&X_FORWARDED_FOR).expect("set"), "::1");
     }
 
@@ -209,7 +215,12 @@ mod tests {
         let ok = map(&[("idempotency-key", "abc-123_~")]);
         assert_eq!(client_token(&ok, &IDEMPOTENCY_KEY), Ok(Some(HeaderValue::from_static("abc-123_~"))));
         let long = "k".repeat(MAX_KEY_LEN + 1);
-        for bad in [map(&[("idempotency-key", "")]), map(&[("idempotency-key", "a b")]), map(&[("idempotency-key", &long)]), map(&[("idempotency-key", "a"), ("idempotency-key", "b")])] {
+        for bad in [
+            map(&[("idempotency-key", "")]),
+            map(&[("idempotency-key", "a b")]),
+            map(&[("idempotency-key", &long)]),
+            map(&[("idempotency-key", "a"), ("idempotency-key", "b")]),
+        ] {
             let err = client_token(&bad, &IDEMPOTENCY_KEY).expect_err("bad");
             assert!(err.to_string().contains("Idempotency-Key"));
         }

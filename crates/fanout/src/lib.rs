@@ -122,10 +122,7 @@ pub async fn run(
     let _ = stop_api.send(true);
     let pending = dispatcher.close(config.shutdown_timeout).await;
     if pending > 0 {
-        tracing::warn!(
-            pending,
-            "deliveries still pending at exit are lost: their backends may miss these writes"
-        );
+        tracing::warn!(pending, "deliveries still pending at exit are lost: their backends may miss these writes");
     } else {
         tracing::info!("every delivery in flight finished");
     }

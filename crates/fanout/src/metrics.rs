@@ -66,9 +66,7 @@ impl DeadLetterReason {
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
 /// Histogram buckets in seconds, from 1 ms to 30 s (the default `--ack-timeout`).
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// The registry of one fanout service and its process-wide series. Cheap to clone.
 #[derive(Clone)]
@@ -108,7 +106,12 @@ impl Metrics {
             (TOTAL_FAILED, Kind::Counter, None, "Failed attempts over all backends."),
             (REQUESTS, Kind::Counter, None, "Client requests answered, by route and HTTP status."),
             (REQUEST_DURATION, Kind::Histogram, Some(Unit::Seconds), "Time to answer a client request, by route."),
-            (ATTEMPT_DURATION, Kind::Histogram, Some(Unit::Seconds), "Duration of one attempt, by backend and outcome."),
+            (
+                ATTEMPT_DURATION,
+                Kind::Histogram,
+                Some(Unit::Seconds),
+                "Duration of one attempt, by backend and outcome.",
+            ),
             (RETRIES, Kind::Counter, None, "Retries scheduled per backend (attempts after the first)."),
             (DEAD_LETTERS, Kind::Counter, None, "Deliveries to a backend that gave up, by reason."),
             (IN_FLIGHT, Kind::Gauge, None, "Deliveries not yet finished on every backend."),
@@ -152,14 +155,17 @@ impl Metrics {
             }
             Key::from_parts(name, labels)
         };
-        let attempt = |outcome: &'static str| r.register_histogram(&with(ATTEMPT_DURATION, "backend", Some(("outcome", outcome))), &METADATA);
+        let attempt = |outcome: &'static str| {
+            r.register_histogram(&with(ATTEMPT_DURATION, "backend", Some(("outcome", outcome))), &METADATA)
+        };
         let m = BackendMetrics {
             success: r.register_counter(&with(TARGET_SUCCESS, "domain", None), &METADATA),
             failed: r.register_counter(&with(TARGET_FAILED, "domain", None), &METADATA),
             total_success: self.inner.total_success.clone(),
             total_failed: self.inner.total_failed.clone(),
             retries: r.register_counter(&with(RETRIES, "backend", None), &METADATA),
-            dead_exhausted: r.register_counter(&with(DEAD_LETTERS, "backend", Some(("reason", "exhausted"))), &METADATA),
+            dead_exhausted: r
+                .register_counter(&with(DEAD_LETTERS, "backend", Some(("reason", "exhausted"))), &METADATA),
             dead_rejected: r.register_counter(&with(DEAD_LETTERS, "backend", Some(("reason", "rejected"))), &METADATA),
             pending: r.register_gauge(&with(PENDING, "backend", None), &METADATA),
             up: r.register_gauge(&with(BACKEND_UP, "backend", None), &METADATA),
@@ -287,7 +293,12 @@ mod tests {
         assert_eq!(sample(&text, "Total_domains_failed_counter_total"), Some(3.0));
         assert_eq!(sample(&text, r#"fanout_backend_up{backend="server2:8080"}"#), Some(0.0));
         assert!(text.contains("# HELP target_domain_success_counter_total"), "{text}");
-        assert!(text.contains(r#"fanout_attempt_duration_seconds_bucket{backend="server1:8080",outcome="status_5xx",le="0.005"} 2"#), "{text}");
+        assert!(
+            text.contains(
+                r#"fanout_attempt_duration_seconds_bucket{backend="server1:8080",outcome="status_5xx",le="0.005"} 2"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

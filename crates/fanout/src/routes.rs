@@ -132,7 +132,10 @@ async fn index() -> &'static str {
 }
 
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({ "error": "no such route; writes are POST /register and POST /changePassword" })))
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": "no such route; writes are POST /register and POST /changePassword" })),
+    )
         .into_response()
 }
 

@@ -214,6 +214,9 @@ async fn sigterm_drains_deliveries_in_flight_before_exit() {
     assert_eq!(resp.status(), 201);
     let status = stack.fanout.terminate(Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
-    let fields = stack.fanout.wait_for_log("deliveries still pending at exit are lost: their backends may miss these writes", Duration::from_secs(5));
+    let fields = stack.fanout.wait_for_log(
+        "deliveries still pending at exit are lost: their backends may miss these writes",
+        Duration::from_secs(5),
+    );
     assert_eq!(fields["pending"], 1);
 }

@@ -38,7 +38,8 @@ async fn a_backend_that_fails_twice_gets_the_write_on_its_third_attempt() {
     assert_eq!(resp.status(), StatusCode::CREATED);
     let summary: Value = resp.json().await.expect("json summary");
     assert_eq!(summary["state"], "delivered");
-    let attempts: Vec<u64> = summary["backends"].as_array().expect("array").iter().map(|b| b["attempts"].as_u64().expect("n")).collect();
+    let attempts: Vec<u64> =
+        summary["backends"].as_array().expect("array").iter().map(|b| b["attempts"].as_u64().expect("n")).collect();
     assert_eq!(attempts, [1, 3, 1]);
     assert_eq!(pool[1].backend.writes_received(), 3);
 
@@ -46,7 +47,10 @@ async fn a_backend_that_fails_twice_gets_the_write_on_its_third_attempt() {
     let flaky = pool[1].label();
     assert_eq!(sample(&text, &format!("target_domain_success_counter_total{{domain=\"{flaky}\"}}")), Some(1.0));
     assert_eq!(sample(&text, &format!("target_domain_failed_counter_total{{domain=\"{flaky}\"}}")), Some(2.0));
-    assert_eq!(sample(&text, &format!("target_domain_failed_counter_total{{domain=\"{}\"}}", pool[0].label())), Some(0.0));
+    assert_eq!(
+        sample(&text, &format!("target_domain_failed_counter_total{{domain=\"{}\"}}", pool[0].label())),
+        Some(0.0)
+    );
     assert_eq!(sample(&text, "Total_domains_success_counter_total"), Some(3.0));
     assert_eq!(sample(&text, "Total_domains_failed_counter_total"), Some(2.0));
     assert_eq!(sample(&text, &format!("fanout_retries_total{{backend=\"{flaky}\"}}")), Some(2.0));
@@ -70,7 +74,10 @@ async fn a_client_error_every_backend_agrees_on_is_passed_back_and_not_retried()
         assert_eq!(r.backend.users().count, 0);
     }
     let text = lb.metrics_text().await;
-    assert_eq!(sample(&text, &format!("fanout_dead_letters_total{{backend=\"{}\",reason=\"rejected\"}}", pool[0].label())), Some(2.0));
+    assert_eq!(
+        sample(&text, &format!("fanout_dead_letters_total{{backend=\"{}\",reason=\"rejected\"}}", pool[0].label())),
+        Some(2.0)
+    );
     lb.stop().await;
 }
 
@@ -146,7 +153,8 @@ async fn an_oversized_body_gets_413_and_nothing_is_forwarded() {
     // Just under the limit passes.
     let fits = format!("username=fits&password={}", "x".repeat(900));
     assert_eq!(post_form(&lb.url("/register"), &fits).await.status(), StatusCode::CREATED);
-    eventually(WAIT, "the fitting write everywhere", || async { pool.iter().all(|r| r.backend.users().count == 1) }).await;
+    eventually(WAIT, "the fitting write everywhere", || async { pool.iter().all(|r| r.backend.users().count == 1) })
+        .await;
     for r in &pool {
         assert_eq!(r.backend.writes_received(), 1);
     }
@@ -222,7 +230,7 @@ async fn hop_by_hop_headers_are_stripped_host_is_rewritten_and_ids_are_shared() 
 
 #[tokio::test]
 async fn a_client_that_hangs_up_does_not_cancel_its_delivery() {
-    let pool = vec![
+    let pool = [
         replica(Settings { response_delay: Duration::from_millis(300), ..Settings::for_test("slow1") }).await,
         replica(Settings { response_delay: Duration::from_millis(300), ..Settings::for_test("slow2") }).await,
         replica(Settings::for_test("fast")).await,
@@ -250,7 +258,7 @@ async fn a_client_that_hangs_up_does_not_cancel_its_delivery() {
 #[tokio::test]
 async fn past_max_in_flight_writes_get_503_and_nothing_is_forwarded() {
     let slow = Settings { response_delay: Duration::from_millis(500), ..Settings::for_test("slow") };
-    let pool = vec![replica(slow.clone()).await, replica(slow.clone()).await, replica(slow).await];
+    let pool = [replica(slow.clone()).await, replica(slow.clone()).await, replica(slow).await];
     let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--max-in-flight", "1"]).await;
     let url = lb.url("/register");
     let first = tokio::spawn(async move { post_form(&url, "username=one&password=pw").await });
@@ -297,7 +305,10 @@ async fn a_dead_backend_is_retried_until_attempts_run_out_then_dead_lettered() {
     assert_eq!(v["backends"][2]["reason"], "exhausted");
     assert_eq!(v["backends"][2]["outcome"], "connect_error");
     let text = lb.metrics_text().await;
-    assert_eq!(sample(&text, &format!("fanout_dead_letters_total{{backend=\"{dead}\",reason=\"exhausted\"}}")), Some(1.0));
+    assert_eq!(
+        sample(&text, &format!("fanout_dead_letters_total{{backend=\"{dead}\",reason=\"exhausted\"}}")),
+        Some(1.0)
+    );
     assert_eq!(sample(&text, &format!("target_domain_failed_counter_total{{domain=\"{dead}\"}}")), Some(4.0));
     assert_eq!(sample(&text, &format!("fanout_backend_up{{backend=\"{dead}\"}}")), Some(0.0));
     assert_eq!(sample(&text, &format!("fanout_backend_up{{backend=\"{}\"}}", pool[0].label())), Some(1.0));

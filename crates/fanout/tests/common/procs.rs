@@ -77,7 +77,9 @@ impl Proc {
                         return v["fields"].clone();
                     }
                 }
-                Err(_) => panic!("{}: no {message:?} log line within {within:?}; saw:\n{}", self.name, self.seen.join("\n")),
+                Err(_) => {
+                    panic!("{}: no {message:?} log line within {within:?}; saw:\n{}", self.name, self.seen.join("\n"))
+                }
             }
         }
     }
@@ -180,7 +182,13 @@ pub fn nginx(backends: [SocketAddr; 3], lb: SocketAddr, lb_metrics: SocketAddr) 
         let dir = std::env::temp_dir().join(format!("fanout-e2e-nginx-{}-{port}-{attempt}", std::process::id()));
         let prefix = Prefix(dir.clone());
         let listen = addr.to_string();
-        let (b1, b2, b3, lbs, lbm) = (backends[0].to_string(), backends[1].to_string(), backends[2].to_string(), lb.to_string(), lb_metrics.to_string());
+        let (b1, b2, b3, lbs, lbm) = (
+            backends[0].to_string(),
+            backends[1].to_string(),
+            backends[2].to_string(),
+            lb.to_string(),
+            lb_metrics.to_string(),
+        );
         let rendered = Command::new(repo_root().join("nginx/render.sh"))
             .arg(&dir)
             .env("BACKEND_1", &b1)
@@ -197,7 +205,14 @@ pub fn nginx(backends: [SocketAddr; 3], lb: SocketAddr, lb_metrics: SocketAddr) 
         let mut p = spawn(
             "nginx",
             &nginx,
-            &["-p", dir.to_str().expect("utf-8"), "-c", conf.to_str().expect("utf-8"), "-e", err.to_str().expect("utf-8")],
+            &[
+                "-p",
+                dir.to_str().expect("utf-8"),
+                "-c",
+                conf.to_str().expect("utf-8"),
+                "-e",
+                err.to_str().expect("utf-8"),
+            ],
             &[],
         );
         // Ready when it answers on its port, or failed when the process exits (port taken).
@@ -211,7 +226,11 @@ pub fn nginx(backends: [SocketAddr; 3], lb: SocketAddr, lb_metrics: SocketAddr) 
                 eprintln!("nginx exited on attempt {attempt}: {log}");
                 break;
             }
-            assert!(std::time::SystemTime::now() < deadline, "nginx did not start: {}", std::fs::read_to_string(&err).unwrap_or_default());
+            assert!(
+                std::time::SystemTime::now() < deadline,
+                "nginx did not start: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
