@@ -1,0 +1,47 @@
+# Entry points of the project; .ci/run calls the same targets.
+.PHONY: all build release run test lint fmt smoke clean help
+
+CARGO ?= cargo
+
+all: build
+
+help:
+	@echo "make run    - the whole stack on loopback (nginx :8080 -> fanout -> 3 demo backends), Ctrl-C stops it"
+	@echo "make test   - unit, integration and end-to-end tests (installs nginx when missing and root)"
+	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+	@echo "make smoke  - starts 'make run' in the background, tries the README's curl lines, stops it"
+	@echo "make build / release / clean"
+
+build:
+	$(CARGO) build --workspace --bins
+
+release:
+	$(CARGO) build --release --workspace --bins
+
+run:
+	./scripts/run-local.sh
+
+# The end-to-end tests need nginx and the demo-backend binary beside fanout's.
+test:
+	@./scripts/ensure-nginx.sh >/dev/null
+	$(CARGO) build --workspace --bins
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+	$(CARGO) test --workspace --doc
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+smoke:
+	./scripts/smoke-run.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf .run

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The whole stack on this machine without Docker (`make run`): three demo backends (server3 drops one write in
+# five), fanout and nginx on loopback ports, from the same binaries and the same nginx template as the Docker
+# path. Prints the URLs and the curl lines to try; Ctrl-C (or SIGTERM) stops every process it started.
+#
+# Settings (environment):
+#   NGINX_PORT=8080  FANOUT_PORT=9080  FANOUT_METRICS_PORT=9000  BACKEND_PORTS=9001,9002,9003
+#   FLAKY_BACKENDS=3 (which servers drop writes; "" for none)  PROFILE=release|debug  RUN_DIR=.run
+#   Any fanout variable (ACK_POLICY, MAX_ATTEMPTS, ...) and RUST_LOG pass through to the processes.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+NGINX_PORT=${NGINX_PORT:-8080}
+FANOUT_PORT=${FANOUT_PORT:-9080}
+FANOUT_METRICS_PORT=${FANOUT_METRICS_PORT:-9000}
+BACKEND_PORTS=${BACKEND_PORTS:-9001,9002,9003}
+FLAKY_BACKENDS=${FLAKY_BACKENDS-3}
+PROFILE=${PROFILE:-release}
+RUN_DIR=${RUN_DIR:-$root/.run}
+
+say() { printf '%s\n' "$*"; }
+fail() { say "make run: $*" >&2; exit 1; }
+
+NGINX=${NGINX_BIN:-$("$root/scripts/ensure-nginx.sh")} || fail "nginx is required"
+
+if [ "$PROFILE" = release ]; then
+  cargo build --release --workspace --bins
+  bin="$root/target/release"
+else
+  cargo build --workspace --bins
+  bin="$root/target/debug"
+fi
+
+mkdir -p "$RUN_DIR/logs"
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  if [ ${#pids[@]} -gt 0 ]; then
+    say "stopping ${#pids[@]} processes"
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      alive=0
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+      [ $alive = 0 ] && break
+      sleep 0.1
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# wait_http NAME URL: polls URL until it answers 200, for up to 20 s.
+wait_http() {
+  for _ in $(seq 1 200); do
+    if curl -fsS -o /dev/null "$2" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  fail "$1 did not answer $2 within 20 s; see $RUN_DIR/logs/$1.log"
+}
+
+IFS=, read -r -a ports <<<"$BACKEND_PORTS"
+[ ${#ports[@]} = 3 ] || fail "BACKEND_PORTS must list three ports"
+pool=()
+for i in 1 2 3; do
+  port=${ports[$((i - 1))]}
+  skip=false
+  case ",$FLAKY_BACKENDS," in *",$i,"*) skip=true ;; esac
+  SERVER_NAME="server$i" SERVER_HOST=127.0.0.1 SERVER_PORT="$port" SKIP_SOME_REQUESTS=$skip \
+    "$bin/demo-backend" >"$RUN_DIR/logs/server$i.log" 2>&1 &
+  pids+=($!)
+  pool+=("127.0.0.1:$port")
+done
+for i in 1 2 3; do wait_http "server$i" "http://${pool[$((i - 1))]}/healthz"; done
+
+BACKEND_POOL=$(IFS=,; echo "${pool[*]}") LISTEN_ADDR="127.0.0.1:$FANOUT_PORT" METRICS_PORT="$FANOUT_METRICS_PORT" \
+  "$bin/fanout" >"$RUN_DIR/logs/fanout.log" 2>&1 &
+pids+=($!)
+wait_http fanout "http://127.0.0.1:$FANOUT_PORT/healthz"
+wait_http fanout "http://127.0.0.1:$FANOUT_METRICS_PORT/healthz"
+
+BACKEND_1=${pool[0]} BACKEND_2=${pool[1]} BACKEND_3=${pool[2]} LB="127.0.0.1:$FANOUT_PORT" \
+  LB_METRICS="127.0.0.1:$FANOUT_METRICS_PORT" NGINX_LISTEN="127.0.0.1:$NGINX_PORT" \
+  "$root/nginx/render.sh" "$RUN_DIR/nginx"
+"$NGINX" -p "$RUN_DIR/nginx" -c "$RUN_DIR/nginx/nginx.conf" -e "$RUN_DIR/nginx/logs/error.log" \
+  >"$RUN_DIR/logs/nginx.log" 2>&1 &
+pids+=($!)
+wait_http nginx "http://127.0.0.1:$NGINX_PORT/nginx_status"
+
+lb="http://localhost:$NGINX_PORT"
+cat <<MSG
+
+The stack is up (logs in ${RUN_DIR#"$root"/}/logs/):
+  nginx          $lb            (/login round-robin; /register, /changePassword -> fanout)
+  nginx status   $lb/nginx_status
+  fanout metrics $lb/metrics    (also http://127.0.0.1:$FANOUT_METRICS_PORT/metrics)
+  fanout API     http://127.0.0.1:$FANOUT_PORT   (GET /deliveries/{id})
+  backends       ${pool[*]}   (flaky: server${FLAKY_BACKENDS:-none}; GET /users on each)
+
+Try:
+  curl $lb/login
+  curl -X POST -d 'username=schef' -d 'password=example' $lb/register
+  curl -X POST -d 'username=schef' -d 'password=example' $lb/changePassword
+  for p in ${ports[*]}; do curl -s 127.0.0.1:\$p/users; echo; done
+
+Ctrl-C stops everything.
+MSG
+
+# Stop everything as soon as one process dies, or on Ctrl-C.
+set +e
+wait -n "${pids[@]}"
+status=$?
+say "a process of the stack exited (status $status); see $RUN_DIR/logs/" >&2
+exit 1
