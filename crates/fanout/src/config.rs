@@ -109,6 +109,11 @@ pub struct Config {
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 
+    /// Body field (form or JSON) whose value orders writes: writes with the same value reach each backend in the
+    /// order fanout accepted them. Empty disables ordering.
+    #[arg(long, env = "ORDERING_KEY", default_value = "username")]
+    pub ordering_key: String,
+
     /// How many recent deliveries `GET /deliveries/{id}` remembers.
     #[arg(long, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
     pub delivery_history: usize,

@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +29,7 @@ use crate::backoff::{Backoff, parse_retry_after};
 use crate::config::AckPolicy;
 use crate::forward::ForwardRequest;
 use crate::metrics::{BackendMetrics, DeadLetterReason, Metrics};
+use crate::ordering::{KeyQueues, Ticket};
 
 /// Largest backend answer body kept to be passed back to the client; longer ones are dropped (the status and
 /// content type still are passed back) so that a backend cannot make fanout buffer without bound.
@@ -320,10 +322,11 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
-/// One backend of the pool with its metric handles.
+/// One backend of the pool with its metric handles and its per-user queues.
 struct Backend {
     addr: BackendAddr,
     metrics: BackendMetrics,
+    order: Arc<KeyQueues>,
 }
 
 /// Settings of the dispatcher, from [`crate::Config`].
@@ -360,6 +363,8 @@ struct Shared {
     permits: Arc<Semaphore>,
     registry: Mutex<Registry>,
     metrics: Metrics,
+    /// Acceptance order of deliveries, for the per-user queues.
+    next_seq: AtomicU64,
 }
 
 struct Registry {
@@ -382,7 +387,7 @@ impl Dispatcher {
         let backends = settings
             .pool
             .iter()
-            .map(|addr| Backend { addr: addr.clone(), metrics: metrics.backend(addr.label()) })
+            .map(|addr| Backend { addr: addr.clone(), metrics: metrics.backend(addr.label()), order: Arc::default() })
             .collect();
         let permits = Arc::new(Semaphore::new(settings.max_in_flight));
         Ok(Self {
@@ -393,16 +398,24 @@ impl Dispatcher {
                 registry: Mutex::new(Registry { by_id: HashMap::new(), order: VecDeque::new() }),
                 metrics,
                 settings,
+                next_seq: AtomicU64::new(0),
             }),
         })
     }
 
-    /// Starts delivering `request` to every backend in a task of its own.
+    /// Starts delivering `request` to every backend in a task of its own. With an `ordering_key` (the user), the
+    /// delivery to each backend waits until every earlier accepted delivery with the same key has finished on that
+    /// backend (see [`crate::ordering`]).
     ///
     /// # Errors
     /// [`SubmitError::Busy`] past `--max-in-flight`, [`SubmitError::ShuttingDown`] once [`Dispatcher::close`] ran.
     /// Nothing is sent in either case.
-    pub fn submit(&self, id: Uuid, request: ForwardRequest) -> Result<Submitted, SubmitError> {
+    pub fn submit(
+        &self,
+        id: Uuid,
+        request: ForwardRequest,
+        ordering_key: Option<&str>,
+    ) -> Result<Submitted, SubmitError> {
         let permit = match self.shared.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
@@ -426,9 +439,11 @@ impl Dispatcher {
             .collect();
         let status = Arc::new(DeliveryStatus { id, accepted_at: SystemTime::now(), backends: Mutex::new(progress) });
         self.remember(&status);
+        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let tickets = self.shared.backends.iter().map(|b| ordering_key.map(|key| b.order.enqueue(key, seq))).collect();
         let (tx, rx) = oneshot::channel();
         self.shared.metrics.in_flight().increment(1.0);
-        tokio::spawn(run_delivery(self.shared.clone(), Arc::new(request), status.clone(), tx, permit));
+        tokio::spawn(run_delivery(self.shared.clone(), Arc::new(request), status.clone(), tickets, tx, permit));
         Ok(Submitted { status, reply: rx })
     }
 
@@ -481,17 +496,20 @@ async fn run_delivery(
     shared: Arc<Shared>,
     request: Arc<ForwardRequest>,
     status: Arc<DeliveryStatus>,
+    tickets: Vec<Option<Ticket>>,
     reply: oneshot::Sender<Reply>,
     _permit: OwnedSemaphorePermit,
 ) {
     let mut tally = Tally::new(shared.settings.ack, shared.backends.len());
     let mut reply = Some(reply);
-    let mut loops: FuturesUnordered<_> = (0..shared.backends.len())
-        .map(|index| {
+    let mut loops: FuturesUnordered<_> = tickets
+        .into_iter()
+        .enumerate()
+        .map(|(index, ticket)| {
             let shared = &shared;
             let request = &request;
             let status = &status;
-            async move { (index, deliver_to(shared, index, request, status).await) }
+            async move { (index, deliver_to(shared, index, request, status, ticket).await) }
         })
         .collect();
     while let Some((index, result)) = loops.next().await {
@@ -509,11 +527,21 @@ async fn run_delivery(
     shared.metrics.in_flight().decrement(1.0);
 }
 
-/// One backend's retry loop within a delivery, with its logging, metrics and progress updates.
-async fn deliver_to(shared: &Shared, index: usize, request: &ForwardRequest, status: &DeliveryStatus) -> BackendResult {
+/// One backend's retry loop within a delivery, with its logging, metrics and progress updates. With a ticket, the
+/// first attempt waits for the ticket's turn; the ticket is released when this backend's delivery ends.
+async fn deliver_to(
+    shared: &Shared,
+    index: usize,
+    request: &ForwardRequest,
+    status: &DeliveryStatus,
+    mut ticket: Option<Ticket>,
+) -> BackendResult {
     let backend = &shared.backends[index];
     let settings = &shared.settings;
     backend.metrics.pending().increment(1.0);
+    if let Some(ticket) = ticket.as_mut() {
+        ticket.ready().await;
+    }
     let url = backend.addr.target(&request.path_and_query);
     let result = retry_loop(
         settings.backoff,
@@ -561,6 +589,7 @@ async fn deliver_to(shared: &Shared, index: usize, request: &ForwardRequest, sta
         }
     }
     backend.metrics.pending().decrement(1.0);
+    drop(ticket);
     result
 }
 

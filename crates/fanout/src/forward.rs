@@ -81,6 +81,23 @@ fn canonical(name: &HeaderName) -> &'static str {
     }
 }
 
+/// The string value of `field` in a form (`application/x-www-form-urlencoded`, also assumed when there is no
+/// `Content-Type`) or JSON body; `None` when the body has no such field or does not parse (the backends will
+/// judge it). Used as the per-user ordering key.
+pub fn body_field(headers: &HeaderMap, body: &[u8], field: &str) -> Option<String> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        value.get(field)?.as_str().map(str::to_owned)
+    } else if mime.is_empty() || mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).ok()?;
+        pairs.into_iter().find(|(k, _)| k == field).map(|(_, v)| v)
+    } else {
+        None
+    }
+}
+
 /// The headers every attempt of a delivery carries: the client's end-to-end headers, then `Idempotency-Key`,
 /// `X-Request-Id` and `X-Forwarded-For` (the client's chain with `peer` appended, as proxies do).
 pub fn forwarded_headers(
@@ -207,6 +224,20 @@ mod tests {
             Some("::1".parse().expect("ip")),
         );
         assert_eq!(fresh.get(&X_FORWARDED_FOR).expect("set"), "::1");
+    }
+
+    #[test]
+    fn the_ordering_field_is_read_from_form_and_json_bodies() {
+        let form = map(&[("content-type", "application/x-www-form-urlencoded; charset=utf-8")]);
+        assert_eq!(body_field(&form, b"password=x&username=ann%20b", "username").as_deref(), Some("ann b"));
+        assert_eq!(body_field(&HeaderMap::new(), b"username=ann", "username").as_deref(), Some("ann"));
+        assert_eq!(body_field(&form, b"password=x", "username"), None);
+        let json = map(&[("content-type", "application/json")]);
+        assert_eq!(body_field(&json, br#"{"username":"cy","password":"p"}"#, "username").as_deref(), Some("cy"));
+        assert_eq!(body_field(&json, br#"{"username":7}"#, "username"), None);
+        assert_eq!(body_field(&json, b"{broken", "username"), None);
+        let other = map(&[("content-type", "text/plain")]);
+        assert_eq!(body_field(&other, b"username=ann", "username"), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`backend`]: a backend's address and the classification of an attempt's result.
 //! - [`forward`]: which headers cross to the backends, and the ids added to them.
 //! - [`delivery`]: one write on its way to every backend; the ack policy's decision; the in-flight bound.
+//! - [`ordering`]: per-user FIFO queues on each backend, so that a user's writes arrive in acceptance order.
 //! - [`routes`]: the axum routers and the error type clients see.
 //! - [`metrics`]: every metric name and HELP text.
 //!
@@ -20,6 +21,7 @@ pub mod config;
 pub mod delivery;
 pub mod forward;
 pub mod metrics;
+pub mod ordering;
 pub mod routes;
 
 use std::future::{Future, IntoFuture};
@@ -81,7 +83,13 @@ pub async fn run(
         },
         metrics.clone(),
     )?;
-    let state = AppState { dispatcher: dispatcher.clone(), metrics: metrics.clone(), ack_timeout: config.ack_timeout };
+    let ordering_key = Some(config.ordering_key.trim()).filter(|k| !k.is_empty()).map(str::to_owned);
+    let state = AppState {
+        dispatcher: dispatcher.clone(),
+        metrics: metrics.clone(),
+        ack_timeout: config.ack_timeout,
+        ordering_key,
+    };
     let max_body = usize::try_from(config.max_body.as_u64()).unwrap_or(usize::MAX);
     let api_router = routes::api_router(state, max_body);
 

@@ -31,6 +31,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// How long a client waits for its ack policy before `202`.
     pub ack_timeout: Duration,
+    /// The body field that orders writes per user (`--ordering-key`), if any.
+    pub ordering_key: Option<String>,
 }
 
 /// Everything a client can be told instead of a delivery's own answer. Internal detail stays in the log.
@@ -163,6 +165,7 @@ async fn write(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
+    let ordering_key = state.ordering_key.as_deref().and_then(|field| forward::body_field(&headers, &body, field));
     let client_key = forward::client_token(&headers, &IDEMPOTENCY_KEY)?;
     let request_id = forward::client_token(&headers, &X_REQUEST_ID)?;
     let id = Uuid::now_v7();
@@ -178,7 +181,7 @@ async fn write(
         ),
         body,
     };
-    let submitted = state.dispatcher.submit(id, request).map_err(|e| match e {
+    let submitted = state.dispatcher.submit(id, request, ordering_key.as_deref()).map_err(|e| match e {
         SubmitError::Busy => ApiError::Busy,
         SubmitError::ShuttingDown => ApiError::ShuttingDown,
     })?;

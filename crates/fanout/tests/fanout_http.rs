@@ -333,3 +333,58 @@ async fn endpoints_answer_and_unknown_routes_get_clear_errors() {
     assert!(text.contains(r#"fanout_requests_total{route="unmatched",status="404"}"#), "{text}");
     lb.stop().await;
 }
+
+#[tokio::test]
+async fn a_users_writes_reach_a_flaky_backend_in_the_order_they_were_accepted() {
+    let pool = replicas(3).await;
+    // server3 drops the register twice; its retries come 200 ms and 600 ms later, long after the client, acked by
+    // the first backend, has sent its five password changes.
+    pool[2].backend.fail_next(&[StatusCode::INTERNAL_SERVER_ERROR; 2]);
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--initial-backoff", "200ms", "--max-backoff", "1s"]).await;
+    assert_eq!(post_form(&lb.url("/register"), "username=eve&password=p0").await.status(), StatusCode::CREATED);
+    for i in 1..=5 {
+        let resp = post_form(&lb.url("/changePassword"), &format!("username=eve&password=p{i}")).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
+    eventually(WAIT, "six writes applied everywhere", || async {
+        pool.iter().all(|r| r.backend.users().users.first().is_some_and(|u| u.version == 6))
+    })
+    .await;
+    let reference = replica(Settings::for_test("reference")).await;
+    let direct = format!("http://{}/register", reference.addr);
+    assert_eq!(post_form(&direct, "username=eve&password=p5").await.status(), StatusCode::CREATED);
+    let last = reference.backend.users().users[0].password_fingerprint.clone();
+    for r in &pool {
+        let users = r.backend.users().users;
+        assert_eq!(users[0].password_fingerprint, last, "{} holds the last password", r.label());
+    }
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_blocked_behind_a_failing_backend_does_not_delay_other_users() {
+    let pool = replicas(3).await;
+    // server3 drops stuck's register once; its retry comes 2 s later.
+    pool[2].backend.fail_next(&[StatusCode::INTERNAL_SERVER_ERROR]);
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--initial-backoff", "2s", "--max-backoff", "2s"]).await;
+    assert_eq!(post_form(&lb.url("/register"), "username=stuck&password=a").await.status(), StatusCode::CREATED);
+    let resp = post_form(&lb.url("/changePassword"), "username=stuck&password=b").await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let stuck_change = resp.headers()["x-delivery-id"].to_str().expect("id").to_owned();
+    assert_eq!(post_form(&lb.url("/register"), "username=free&password=c").await.status(), StatusCode::CREATED);
+    // `free` reaches server3 at once, while `stuck`'s register waits for its retry there and its change waits.
+    eventually(Duration::from_secs(1), "free on server3", || async {
+        pool[2].backend.users().users.iter().any(|u| u.username == "free")
+    })
+    .await;
+    let v: serde_json::Value =
+        reqwest::get(lb.url(&format!("/deliveries/{stuck_change}"))).await.expect("get").json().await.expect("json");
+    assert_eq!(v["backends"][2]["state"], "pending", "{v}");
+    assert_eq!(v["backends"][2]["attempts"], 0, "the change waits for the register: {v}");
+    assert!(pool[2].backend.users().users.iter().all(|u| u.username != "stuck"));
+    eventually(WAIT, "stuck converges", || async {
+        pool[2].backend.users().users.iter().any(|u| u.username == "stuck" && u.version == 2)
+    })
+    .await;
+    lb.stop().await;
+}

@@ -82,7 +82,12 @@ pub const FAST: &[&str] = &["--initial-backoff", "10ms", "--max-backoff", "40ms"
 pub async fn fanout(pool: &[&Replica], extra: &[&str]) -> Fanout {
     let pool_arg = pool.iter().map(|r| r.label()).collect::<Vec<_>>().join(",");
     let mut args = vec!["fanout", "--listen", "127.0.0.1:0", "--metrics-port", "0", "--backends", &pool_arg];
-    args.extend_from_slice(FAST);
+    // FAST's flags, unless the test sets them itself.
+    for pair in FAST.chunks(2) {
+        if !extra.contains(&pair[0]) {
+            args.extend_from_slice(pair);
+        }
+    }
     args.extend_from_slice(extra);
     let config = fanout::Config::try_parse_from(args).expect("test config parses");
     let api = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
