@@ -81,12 +81,11 @@ impl Drop for Ticket {
         let Some(queue) = queues.get_mut(&self.key) else { return };
         let Some(pos) = queue.iter().position(|s| s.seq == self.seq) else { return };
         queue.remove(pos);
-        if pos == 0 {
-            if let Some(next) = queue.front_mut()
-                && let Some(wake) = next.wake.take()
-            {
-                let _ = wake.send(());
-            }
+        if pos == 0
+            && let Some(next) = queue.front_mut()
+            && let Some(wake) = next.wake.take()
+        {
+            let _ = wake.send(());
         }
         if queue.is_empty() {
             queues.remove(&self.key);
