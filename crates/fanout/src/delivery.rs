@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -365,6 +365,8 @@ struct Shared {
     metrics: Metrics,
     /// Acceptance order of deliveries, for the per-user queues.
     next_seq: AtomicU64,
+    /// Set when shutdown starts: no new delivery is accepted from then on.
+    closing: AtomicBool,
 }
 
 struct Registry {
@@ -399,6 +401,7 @@ impl Dispatcher {
                 metrics,
                 settings,
                 next_seq: AtomicU64::new(0),
+                closing: AtomicBool::new(false),
             }),
         })
     }
@@ -416,6 +419,9 @@ impl Dispatcher {
         request: ForwardRequest,
         ordering_key: Option<&str>,
     ) -> Result<Submitted, SubmitError> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(SubmitError::ShuttingDown);
+        }
         let permit = match self.shared.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
@@ -470,7 +476,7 @@ impl Dispatcher {
 
     /// True while new writes can be accepted (not shutting down, below the in-flight bound).
     pub fn ready(&self) -> bool {
-        !self.shared.permits.is_closed() && self.shared.permits.available_permits() > 0
+        !self.shared.closing.load(Ordering::Acquire) && self.shared.permits.available_permits() > 0
     }
 
     /// The ack policy.
@@ -481,6 +487,7 @@ impl Dispatcher {
     /// Stops accepting writes and waits up to `grace` for deliveries in flight; returns how many were still
     /// pending when it gave up (0 when all finished).
     pub async fn close(&self, grace: Duration) -> usize {
+        self.shared.closing.store(true, Ordering::Release);
         let all = u32::try_from(self.shared.settings.max_in_flight).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(grace, self.shared.permits.acquire_many(all)).await;
         self.shared.permits.close();
@@ -796,6 +803,40 @@ mod tests {
         too_long.retry_after = Some(Duration::from_secs(3600));
         let (_, times) = scripted(EXACT, 3, vec![throttled, too_long, result(Outcome::Success)]).await;
         assert_eq!(times, [Duration::ZERO, Duration::from_secs(7), Duration::from_secs(7 + 64)]);
+    }
+
+    #[tokio::test]
+    async fn once_shutdown_starts_no_write_is_accepted_and_pending_ones_are_counted() {
+        let settings = DispatchSettings {
+            pool: vec!["127.0.0.1:1".parse().expect("addr")],
+            backoff: Backoff {
+                initial: Duration::from_secs(60),
+                max: Duration::from_secs(60),
+                max_jitter: Duration::ZERO,
+            },
+            max_attempts: 5,
+            attempt_timeout: Duration::from_secs(1),
+            ack: AckPolicy::First,
+            max_in_flight: 10,
+            history: 10,
+            pool_idle_timeout: Duration::from_secs(1),
+        };
+        let dispatcher = Dispatcher::new(settings, Metrics::new()).expect("client");
+        let request = ForwardRequest {
+            method: axum::http::Method::POST,
+            path_and_query: "/register".to_owned(),
+            headers: axum::http::HeaderMap::new(),
+            body: Bytes::from_static(b"username=a&password=b"),
+        };
+        let _pending = dispatcher.submit(Uuid::now_v7(), request.clone(), None).expect("accepted");
+        let closing = tokio::spawn({
+            let d = dispatcher.clone();
+            async move { d.close(Duration::from_millis(300)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!dispatcher.ready());
+        assert_eq!(dispatcher.submit(Uuid::now_v7(), request, None).err(), Some(SubmitError::ShuttingDown));
+        assert_eq!(closing.await.expect("join"), 1, "the delivery to the dead backend is still pending");
     }
 
     #[tokio::test(start_paused = true)]
