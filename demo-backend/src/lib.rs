@@ -26,7 +26,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -37,14 +37,7 @@ pub const IDEMPOTENCY_MEMORY: usize = 100_000;
 /// How many received writes [`DemoBackend::received`] keeps (headers only, never bodies).
 pub const RECEIVED_MEMORY: usize = 1024;
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+pub use service_kit::LogFormat;
 
 /// Flags and environment of the `demo-backend` binary. The names of the original demo server are kept.
 #[derive(Debug, Clone, Parser)]

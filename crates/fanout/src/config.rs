@@ -11,6 +11,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
 
+pub use service_kit::LogFormat;
+
 use crate::backend::{BackendAddr, ParseBackendError};
 
 /// When the client of a write is answered (DESIGN 3.6).
@@ -42,15 +44,6 @@ impl AckPolicy {
             AckPolicy::All => "all",
         }
     }
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines (the default).
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
 }
 
 /// Command line and environment of the `fanout` binary. The doc comments are the `--help` text.
