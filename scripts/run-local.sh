@@ -52,10 +52,21 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# wait_http NAME URL: polls URL until it answers 200, for up to 20 s.
+# start NAME CMD...: runs CMD in a session of its own (so that Ctrl-C reaches only this script, which then
+# stops everything in order), logging to $RUN_DIR/logs/NAME.log.
+start() {
+  local name=$1
+  shift
+  setsid "$@" >"$RUN_DIR/logs/$name.log" 2>&1 &
+  pids+=($!)
+}
+
+# wait_http NAME URL: polls URL until it answers 200, for up to 20 s; fails at once if the last process exited.
 wait_http() {
+  local pid=${pids[-1]}
   for _ in $(seq 1 200); do
     if curl -fsS -o /dev/null "$2" 2>/dev/null; then return 0; fi
+    kill -0 "$pid" 2>/dev/null || fail "$1 exited: $(tail -n 3 "$RUN_DIR/logs/$1.log")"
     sleep 0.1
   done
   fail "$1 did not answer $2 within 20 s; see $RUN_DIR/logs/$1.log"
@@ -68,25 +79,21 @@ for i in 1 2 3; do
   port=${ports[$((i - 1))]}
   skip=false
   case ",$FLAKY_BACKENDS," in *",$i,"*) skip=true ;; esac
-  SERVER_NAME="server$i" SERVER_HOST=127.0.0.1 SERVER_PORT="$port" SKIP_SOME_REQUESTS=$skip \
-    "$bin/demo-backend" >"$RUN_DIR/logs/server$i.log" 2>&1 &
-  pids+=($!)
   pool+=("127.0.0.1:$port")
+  SERVER_NAME="server$i" SERVER_HOST=127.0.0.1 SERVER_PORT="$port" SKIP_SOME_REQUESTS=$skip \
+    start "server$i" "$bin/demo-backend"
+  wait_http "server$i" "http://127.0.0.1:$port/healthz"
 done
-for i in 1 2 3; do wait_http "server$i" "http://${pool[$((i - 1))]}/healthz"; done
 
 BACKEND_POOL=$(IFS=,; echo "${pool[*]}") LISTEN_ADDR="127.0.0.1:$FANOUT_PORT" METRICS_PORT="$FANOUT_METRICS_PORT" \
-  "$bin/fanout" >"$RUN_DIR/logs/fanout.log" 2>&1 &
-pids+=($!)
+  start fanout "$bin/fanout"
 wait_http fanout "http://127.0.0.1:$FANOUT_PORT/healthz"
 wait_http fanout "http://127.0.0.1:$FANOUT_METRICS_PORT/healthz"
 
 BACKEND_1=${pool[0]} BACKEND_2=${pool[1]} BACKEND_3=${pool[2]} LB="127.0.0.1:$FANOUT_PORT" \
   LB_METRICS="127.0.0.1:$FANOUT_METRICS_PORT" NGINX_LISTEN="127.0.0.1:$NGINX_PORT" \
   "$root/nginx/render.sh" "$RUN_DIR/nginx"
-"$NGINX" -p "$RUN_DIR/nginx" -c "$RUN_DIR/nginx/nginx.conf" -e "$RUN_DIR/nginx/logs/error.log" \
-  >"$RUN_DIR/logs/nginx.log" 2>&1 &
-pids+=($!)
+start nginx "$NGINX" -p "$RUN_DIR/nginx" -c "$RUN_DIR/nginx/nginx.conf" -e "$RUN_DIR/nginx/logs/error.log"
 wait_http nginx "http://127.0.0.1:$NGINX_PORT/nginx_status"
 
 lb="http://localhost:$NGINX_PORT"

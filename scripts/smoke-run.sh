@@ -51,4 +51,6 @@ wait "$job" || true
 for p in "$NGINX_PORT" "$FANOUT_PORT" "$FANOUT_METRICS_PORT" "${ports[@]}"; do
   if curl -s -o /dev/null "127.0.0.1:$p/"; then fail "port $p still answers after Ctrl-C"; fi
 done
+grep -q "stopping 5 processes" "$log" || fail "Ctrl-C did not stop the stack in order"
+if grep -q "a process of the stack exited" "$log"; then fail "Ctrl-C was reported as a crash"; fi
 echo "smoke: make run works: /login rotates over 3 servers, writes reach all 3 backends, Ctrl-C stops everything"

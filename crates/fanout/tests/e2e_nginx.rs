@@ -122,6 +122,9 @@ async fn nginx_refuses_oversized_writes_with_the_same_limit_as_fanout() {
     let big = format!("username=big&password={}", "x".repeat(70 * 1024));
     let resp = common::post_form(&stack.url("/register"), &big).await;
     assert_eq!(resp.status(), 413);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let error: serde_json::Value = resp.json().await.expect("a JSON error, like fanout's");
+    assert!(error["error"].as_str().expect("message").contains("nothing was forwarded"), "{error}");
     for (_, addr) in &stack.backends {
         assert_eq!(stack.users(*addr).await.count, 0);
     }

@@ -54,9 +54,11 @@ pub fn nginx_bin() -> PathBuf {
     panic!("nginx is required by the end-to-end tests and was not found: apt-get install nginx (or set NGINX_BIN)");
 }
 
-/// A child process killed on drop. Its stderr lines are collected.
+/// A child process stopped on drop. Its stderr lines are collected.
 pub struct Proc {
     pub name: String,
+    /// Stop with SIGTERM (and wait) rather than SIGKILL: nginx's workers outlive a SIGKILLed master.
+    graceful_stop: bool,
     child: Child,
     lines: mpsc::Receiver<String>,
     pub seen: Vec<String>,
@@ -84,8 +86,17 @@ impl Proc {
         }
     }
 
-    /// Sends SIGKILL and reaps the process.
+    /// Stops the process and reaps it: SIGTERM first for a graceful stopper (SIGKILL after 5 s), else SIGKILL.
     pub fn kill(&mut self) {
+        if self.graceful_stop && self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            for _ in 0..250 {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -133,7 +144,7 @@ pub fn spawn(name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) ->
             }
         }
     });
-    Proc { name: name.to_owned(), child, lines: rx, seen: Vec::new() }
+    Proc { name: name.to_owned(), graceful_stop: false, child, lines: rx, seen: Vec::new() }
 }
 
 const START: Duration = Duration::from_secs(20);
@@ -215,6 +226,7 @@ pub fn nginx(backends: [SocketAddr; 3], lb: SocketAddr, lb_metrics: SocketAddr) 
             ],
             &[],
         );
+        p.graceful_stop = true;
         // Ready when it answers on its port, or failed when the process exits (port taken).
         let deadline = std::time::SystemTime::now() + START;
         loop {
