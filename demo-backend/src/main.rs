@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let shutdown = service_kit::shutdown_signal("demo-backend");
         let addr = SocketAddr::new(settings.host, settings.port);
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match demo_backend::run(DemoBackend::new(settings), listener, service_kit::shutdown_signal()).await {
+        match demo_backend::run(DemoBackend::new(settings), listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("demo-backend: {err}");

@@ -52,6 +52,9 @@ impl FromStr for BackendAddr {
         if url.host_str().is_none_or(str::is_empty) {
             return Err(fail("the host is missing"));
         }
+        if url.port_or_known_default() == Some(0) {
+            return Err(fail("the port must be 1-65535"));
+        }
         Ok(BackendAddr { label: entry.to_owned(), url })
     }
 }

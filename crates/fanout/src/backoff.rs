@@ -39,7 +39,7 @@ impl Backoff {
 
     /// The whole wait before retry `n`: [`Backoff::base`] plus a fresh [`Backoff::jitter`].
     pub fn delay<R: Rng + ?Sized>(&self, n: u32, rng: &mut R) -> Duration {
-        self.base(n) + self.jitter(rng)
+        self.base(n).saturating_add(self.jitter(rng))
     }
 
     /// The wait before retry `n` when the backend may have sent `Retry-After`: the backend's wait, capped at

@@ -46,7 +46,9 @@ impl AckPolicy {
     }
 }
 
-/// Command line and environment of the `fanout` binary. The doc comments are the `--help` text.
+/// Command line and environment of the `fanout` binary. The doc comments are the `--help` text. Every
+/// single-value flag takes a value that starts with `-` as its value, so `--max-attempts -1` is reported as a bad
+/// value for `--max-attempts` rather than as an unknown flag `-1`.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "fanout",
@@ -55,11 +57,11 @@ impl AckPolicy {
 )]
 pub struct Config {
     /// Address of the API listener (writes, health, deliveries).
-    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, allow_hyphen_values = true, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
     /// Port of the Prometheus listener (`GET /metrics`), on the same IP as `--listen`. 0 picks a free port.
-    #[arg(long, env = "METRICS_PORT", default_value_t = 8000)]
+    #[arg(long, allow_hyphen_values = true, env = "METRICS_PORT", default_value_t = 8000)]
     pub metrics_port: u16,
 
     /// The backend pool: a comma list of `host:port` or `http://host:port[/prefix]`.
@@ -67,61 +69,61 @@ pub struct Config {
     pub backends: Vec<String>,
 
     /// Attempts per backend per delivery, the first one included.
-    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 100)]
+    #[arg(long, allow_hyphen_values = true, env = "MAX_ATTEMPTS", default_value_t = 100)]
     pub max_attempts: u32,
 
     /// Backoff before the first retry; it doubles for every further retry.
-    #[arg(long, env = "INITIAL_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, allow_hyphen_values = true, env = "INITIAL_BACKOFF", default_value = "1s", value_parser = parse_duration)]
     pub initial_backoff: Duration,
 
     /// Cap of the exponential part of the backoff (also caps a backend's `Retry-After`).
-    #[arg(long, env = "MAX_BACKOFF", default_value = "64s", value_parser = parse_duration)]
+    #[arg(long, allow_hyphen_values = true, env = "MAX_BACKOFF", default_value = "64s", value_parser = parse_duration)]
     pub max_backoff: Duration,
 
     /// Jitter drawn uniformly in [0, max] and added to every backoff, fresh for every retry.
-    #[arg(long, env = "MAX_JITTER", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, allow_hyphen_values = true, env = "MAX_JITTER", default_value = "100ms", value_parser = parse_duration)]
     pub max_jitter: Duration,
 
     /// Deadline of one attempt: connect, send and the whole response.
-    #[arg(long, env = "ATTEMPT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, allow_hyphen_values = true, env = "ATTEMPT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub attempt_timeout: Duration,
 
     /// When the client is answered: after the first, a majority, or all backends answered 201.
-    #[arg(long = "ack", env = "ACK_POLICY", value_enum, default_value_t = AckPolicy::First)]
+    #[arg(long = "ack", allow_hyphen_values = true, env = "ACK_POLICY", value_enum, default_value_t = AckPolicy::First)]
     pub ack: AckPolicy,
 
     /// Past this wait the client gets `202 Accepted` and the delivery goes on in the background.
-    #[arg(long, env = "ACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, allow_hyphen_values = true, env = "ACK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub ack_timeout: Duration,
 
     /// Largest accepted request body; larger ones get `413` and nothing is forwarded.
-    #[arg(long, env = "MAX_BODY", default_value = "64KiB", value_parser = parse_size)]
+    #[arg(long, allow_hyphen_values = true, env = "MAX_BODY", default_value = "64KiB", value_parser = parse_size)]
     pub max_body: ByteSize,
 
     /// Deliveries in flight at most; past it writes get `503` with `Retry-After` and nothing is forwarded.
-    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 10_000)]
+    #[arg(long, allow_hyphen_values = true, env = "MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 
     /// Body field (form or JSON) whose value orders writes: writes with the same value reach each backend in the
     /// order fanout accepted them. Empty disables ordering.
-    #[arg(long, env = "ORDERING_KEY", default_value = "username")]
+    #[arg(long, allow_hyphen_values = true, env = "ORDERING_KEY", default_value = "username")]
     pub ordering_key: String,
 
     /// How many recent deliveries `GET /deliveries/{id}` remembers.
-    #[arg(long, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
+    #[arg(long, allow_hyphen_values = true, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
     pub delivery_history: usize,
 
     /// Idle keep-alive connections to backends are closed after this long. Keep it below the backends' own idle
     /// timeout so that fanout never sends on a connection the backend is closing.
-    #[arg(long, env = "POOL_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, allow_hyphen_values = true, env = "POOL_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
 
     /// On SIGTERM or Ctrl-C, how long to wait for deliveries in flight before exiting.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, allow_hyphen_values = true, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
     /// Log line format; `RUST_LOG` filters what is logged.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, allow_hyphen_values = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
@@ -150,7 +152,14 @@ pub enum ConfigError {
     /// `--initial-backoff` is larger than `--max-backoff`.
     #[error("--initial-backoff (INITIAL_BACKOFF) must not exceed --max-backoff (MAX_BACKOFF)")]
     BackoffOrder,
+    /// `--metrics-port` is the port of `--listen`.
+    #[error("--metrics-port (METRICS_PORT) must differ from the port of --listen (LISTEN_ADDR)")]
+    PortClash,
 }
+
+/// Longest accepted duration for any duration flag: one day. Larger values are typing mistakes, and durations
+/// near `u64::MAX` seconds overflow timers.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 impl Config {
     /// Checks what clap cannot, and returns the parsed backend pool.
@@ -161,6 +170,20 @@ impl Config {
         let range = |ok: bool, flag, env, rule| {
             if ok { Ok(()) } else { Err(ConfigError::OutOfRange { flag, env, rule }) }
         };
+        for (value, flag, env) in [
+            (self.initial_backoff, "initial-backoff", "INITIAL_BACKOFF"),
+            (self.max_backoff, "max-backoff", "MAX_BACKOFF"),
+            (self.max_jitter, "max-jitter", "MAX_JITTER"),
+            (self.attempt_timeout, "attempt-timeout", "ATTEMPT_TIMEOUT"),
+            (self.ack_timeout, "ack-timeout", "ACK_TIMEOUT"),
+            (self.pool_idle_timeout, "pool-idle-timeout", "POOL_IDLE_TIMEOUT"),
+            (self.shutdown_timeout, "shutdown-timeout", "SHUTDOWN_TIMEOUT"),
+        ] {
+            range(value <= MAX_DURATION, flag, env, "at most 1 day (24h)")?;
+        }
+        if self.metrics_port != 0 && self.metrics_port == self.listen.port() {
+            return Err(ConfigError::PortClash);
+        }
         range(self.max_attempts >= 1, "max-attempts", "MAX_ATTEMPTS", "at least 1")?;
         range(!self.initial_backoff.is_zero(), "initial-backoff", "INITIAL_BACKOFF", "greater than 0")?;
         if self.initial_backoff > self.max_backoff {
@@ -177,7 +200,12 @@ impl Config {
         )?;
         // A tokio semaphore holds at most usize::MAX >> 3 permits.
         range((1..=1 << 24).contains(&self.max_in_flight), "max-in-flight", "MAX_IN_FLIGHT", "between 1 and 16777216")?;
-        range(self.delivery_history >= 1, "delivery-history", "DELIVERY_HISTORY", "at least 1")?;
+        range(
+            (1..=1_000_000).contains(&self.delivery_history),
+            "delivery-history",
+            "DELIVERY_HISTORY",
+            "between 1 and 1000000",
+        )?;
 
         let entries: Vec<&str> = self.backends.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
         if entries.is_empty() {
@@ -282,11 +310,11 @@ mod tests {
             ("--max-body", "big"),
             ("--ack", "most"),
             ("--max-attempts", "-1"),
+            ("--max-body", "-5"),
             ("--listen", "nowhere"),
             ("--metrics-port", "70000"),
         ] {
-            let arg = format!("{flag}={value}");
-            let err = parse(&["--backends", "a:1", &arg]).expect_err(flag);
+            let err = parse(&["--backends", "a:1", flag, value]).expect_err(flag);
             let text = err.to_string();
             assert!(text.contains(flag), "{flag}: {text}");
             assert_eq!(err.exit_code(), 2);
@@ -310,6 +338,13 @@ mod tests {
             (&["--backends", "a:1", "--max-body", "2GiB"], "--max-body"),
             (&["--backends", "a:1", "--max-in-flight", "0"], "--max-in-flight"),
             (&["--backends", "a:1", "--delivery-history", "0"], "--delivery-history"),
+            (&["--backends", "a:1", "--delivery-history", "2000000"], "--delivery-history"),
+            (&["--backends", "a:1", "--max-backoff", "18446744073709551615s"], "--max-backoff"),
+            (&["--backends", "a:1", "--max-jitter", "2d"], "--max-jitter"),
+            (&["--backends", "a:1", "--pool-idle-timeout", "100000h"], "--pool-idle-timeout"),
+            (&["--backends", "a:1", "--shutdown-timeout", "25h"], "--shutdown-timeout"),
+            (&["--backends", "a:1", "--listen", "127.0.0.1:9000", "--metrics-port", "9000"], "--metrics-port"),
+            (&["--backends", "http://a:0"], "--backends"),
         ];
         for (args, needle) in cases {
             let err = valid(args).expect_err(needle);

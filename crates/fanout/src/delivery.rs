@@ -365,6 +365,9 @@ struct Shared {
     metrics: Metrics,
     /// Acceptance order of deliveries, for the per-user queues.
     next_seq: AtomicU64,
+    /// Held while a delivery takes its places in every backend's queues, so that two writes for the same user
+    /// are queued in the same order on every backend.
+    enqueue: Mutex<()>,
     /// Set when shutdown starts: no new delivery is accepted from then on.
     closing: AtomicBool,
 }
@@ -401,6 +404,7 @@ impl Dispatcher {
                 metrics,
                 settings,
                 next_seq: AtomicU64::new(0),
+                enqueue: Mutex::new(()),
                 closing: AtomicBool::new(false),
             }),
         })
@@ -445,11 +449,24 @@ impl Dispatcher {
             .collect();
         let status = Arc::new(DeliveryStatus { id, accepted_at: SystemTime::now(), backends: Mutex::new(progress) });
         self.remember(&status);
-        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
-        let tickets = self.shared.backends.iter().map(|b| ordering_key.map(|key| b.order.enqueue(key, seq))).collect();
+        let tickets = match ordering_key {
+            None => self.shared.backends.iter().map(|_| None).collect(),
+            Some(key) => {
+                let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
+                let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+                self.shared.backends.iter().map(|b| Some(b.order.enqueue(key, seq))).collect()
+            }
+        };
         let (tx, rx) = oneshot::channel();
-        self.shared.metrics.in_flight().increment(1.0);
-        tokio::spawn(run_delivery(self.shared.clone(), Arc::new(request), status.clone(), tickets, tx, permit));
+        let in_flight = GaugeGuard::new(self.shared.metrics.in_flight().clone());
+        tokio::spawn(run_delivery(
+            self.shared.clone(),
+            Arc::new(request),
+            status.clone(),
+            tickets,
+            tx,
+            (permit, in_flight),
+        ));
         Ok(Submitted { status, reply: rx })
     }
 
@@ -505,7 +522,8 @@ async fn run_delivery(
     status: Arc<DeliveryStatus>,
     tickets: Vec<Option<Ticket>>,
     reply: oneshot::Sender<Reply>,
-    _permit: OwnedSemaphorePermit,
+    // Released when the task ends, however it ends.
+    _held: (OwnedSemaphorePermit, GaugeGuard),
 ) {
     let mut tally = Tally::new(shared.settings.ack, shared.backends.len());
     let mut reply = Some(reply);
@@ -531,7 +549,22 @@ async fn run_delivery(
             }
         }
     }
-    shared.metrics.in_flight().decrement(1.0);
+}
+
+/// Adds 1 to a gauge for as long as it lives (so that a task that ends early, even by a panic, gives it back).
+struct GaugeGuard(metrics::Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// One backend's retry loop within a delivery, with its logging, metrics and progress updates. With a ticket, the
@@ -545,7 +578,7 @@ async fn deliver_to(
 ) -> BackendResult {
     let backend = &shared.backends[index];
     let settings = &shared.settings;
-    backend.metrics.pending().increment(1.0);
+    let _pending = GaugeGuard::new(backend.metrics.pending().clone());
     if let Some(ticket) = ticket.as_mut() {
         ticket.ready().await;
     }
@@ -589,13 +622,13 @@ async fn deliver_to(
                     attempts,
                     reason = reason.as_str(),
                     last_status = p.status,
-                    path = %request.path_and_query,
+                    // The path only: a query string may carry credentials.
+                    path = request.path_and_query.split('?').next().unwrap_or_default(),
                     "dead letter: the backend did not get this write"
                 );
             }
         }
     }
-    backend.metrics.pending().decrement(1.0);
     drop(ticket);
     result
 }
@@ -805,10 +838,10 @@ mod tests {
         assert_eq!(times, [Duration::ZERO, Duration::from_secs(7), Duration::from_secs(7 + 64)]);
     }
 
-    #[tokio::test]
-    async fn once_shutdown_starts_no_write_is_accepted_and_pending_ones_are_counted() {
+    /// A dispatcher whose backends refuse connections and retry only after a minute: deliveries stay pending.
+    fn stuck_dispatcher(backends: u16, max_in_flight: usize) -> Dispatcher {
         let settings = DispatchSettings {
-            pool: vec!["127.0.0.1:1".parse().expect("addr")],
+            pool: (1..=backends).map(|p| format!("127.0.0.1:{p}").parse().expect("addr")).collect(),
             backoff: Backoff {
                 initial: Duration::from_secs(60),
                 max: Duration::from_secs(60),
@@ -817,17 +850,50 @@ mod tests {
             max_attempts: 5,
             attempt_timeout: Duration::from_secs(1),
             ack: AckPolicy::First,
-            max_in_flight: 10,
+            max_in_flight,
             history: 10,
             pool_idle_timeout: Duration::from_secs(1),
         };
-        let dispatcher = Dispatcher::new(settings, Metrics::new()).expect("client");
-        let request = ForwardRequest {
+        Dispatcher::new(settings, Metrics::new()).expect("client")
+    }
+
+    fn write() -> ForwardRequest {
+        ForwardRequest {
             method: axum::http::Method::POST,
             path_and_query: "/register".to_owned(),
             headers: axum::http::HeaderMap::new(),
             body: Bytes::from_static(b"username=a&password=b"),
-        };
+        }
+    }
+
+    /// Found by an attack run: writes for one user submitted at the same moment from several threads were queued
+    /// in one order on a backend and in another on the next, so backends applied them in different orders.
+    #[test]
+    fn concurrent_submits_queue_a_user_in_the_same_order_on_every_backend() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        let dispatcher = stuck_dispatcher(3, 10_000);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                let d = &dispatcher;
+                let handle = runtime.handle().clone();
+                scope.spawn(move || {
+                    let _in_runtime = handle.enter();
+                    for _ in 0..300 {
+                        d.submit(Uuid::now_v7(), write(), Some("same-user")).expect("accepted");
+                    }
+                });
+            }
+        });
+        let orders: Vec<Vec<u64>> = dispatcher.shared.backends.iter().map(|b| b.order.order("same-user")).collect();
+        assert_eq!(orders[0].len(), 2400);
+        assert!(orders.windows(2).all(|w| w[0] == w[1]), "backends queued the user's writes in different orders");
+        runtime.shutdown_background();
+    }
+
+    #[tokio::test]
+    async fn once_shutdown_starts_no_write_is_accepted_and_pending_ones_are_counted() {
+        let dispatcher = stuck_dispatcher(1, 10);
+        let request = write();
         let _pending = dispatcher.submit(Uuid::now_v7(), request.clone(), None).expect("accepted");
         let closing = tokio::spawn({
             let d = dispatcher.clone();

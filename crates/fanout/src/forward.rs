@@ -20,6 +20,16 @@ pub static X_DELIVERY_ID: HeaderName = HeaderName::from_static("x-delivery-id");
 /// Longest accepted `Idempotency-Key` or `X-Request-Id`, in bytes.
 pub const MAX_KEY_LEN: usize = 255;
 
+/// Largest total size of a write's headers (names and values), in bytes. Every pending delivery keeps its
+/// headers, so they count in its memory like the body; 32 KiB is what nginx accepts by default
+/// (`large_client_header_buffers 4 8k`). Larger header sets get `431`.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// The total size of `headers`: every name and value, plus 4 bytes per line for `: ` and CRLF.
+pub fn header_bytes(headers: &HeaderMap) -> usize {
+    headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
+}
+
 /// One client write, ready to be sent to every backend. The body is buffered once and shared by every attempt.
 #[derive(Debug, Clone)]
 pub struct ForwardRequest {
@@ -106,12 +116,12 @@ pub fn forwarded_headers(
     request_id: HeaderValue,
     peer: Option<IpAddr>,
 ) -> HeaderMap {
+    // Token by token from the raw bytes: one malformed token must not hide the valid ones next to it.
     let named_by_connection: Vec<HeaderName> = incoming
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
         .collect();
     let mut out = HeaderMap::with_capacity(incoming.len() + 3);
     for (name, value) in incoming {
@@ -203,6 +213,20 @@ mod tests {
         assert_eq!(out.get(&IDEMPOTENCY_KEY).expect("set"), "key-1");
         assert_eq!(out.get(&X_REQUEST_ID).expect("set"), "req-1");
         assert!(out.get(&X_FORWARDED_FOR).is_none());
+    }
+
+    #[test]
+    fn a_malformed_connection_token_does_not_hide_the_others() {
+        let mut incoming = map(&[("x-hop", "1"), ("x-kept", "1")]);
+        incoming.insert(header::CONNECTION, HeaderValue::from_bytes(b"X-Hop, \xff").expect("opaque bytes"));
+        let out = forwarded_headers(&incoming, HeaderValue::from_static("k"), HeaderValue::from_static("r"), None);
+        assert!(!out.contains_key("x-hop"));
+        assert!(out.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn header_bytes_count_names_values_and_separators() {
+        assert_eq!(header_bytes(&map(&[("ab", "cde"), ("f", "")])), (2 + 3 + 4) + (1 + 4));
     }
 
     #[test]

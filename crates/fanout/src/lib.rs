@@ -36,6 +36,9 @@ use crate::delivery::{DispatchSettings, Dispatcher};
 use crate::metrics::Metrics;
 use crate::routes::AppState;
 
+/// How long the listeners get to close once the shutdown deadline has passed.
+const FINAL_WAIT: Duration = Duration::from_millis(100);
+
 /// How often histogram buffers are drained into the exposition.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -126,6 +129,7 @@ pub async fn run(
     });
 
     shutdown.await;
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     tracing::info!(in_flight = dispatcher.in_flight(), "shutting down: no new writes accepted");
     let _ = stop_api.send(true);
     let pending = dispatcher.close(config.shutdown_timeout).await;
@@ -134,10 +138,11 @@ pub async fn run(
     } else {
         tracing::info!("every delivery in flight finished");
     }
-    // Handlers answer within --ack-timeout; past the grace period open connections are dropped.
-    let _ = tokio::time::timeout(Duration::from_secs(1), api_server).await;
+    // Connections still open at the deadline (a handler waiting for its ack) are dropped with the process.
+    let last_moment = deadline.max(tokio::time::Instant::now() + FINAL_WAIT);
+    let _ = tokio::time::timeout_at(last_moment, api_server).await;
     let _ = stop_metrics.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(1), metrics_server).await;
+    let _ = tokio::time::timeout(FINAL_WAIT, metrics_server).await;
     upkeep.abort();
     Ok(())
 }

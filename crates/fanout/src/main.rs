@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let shutdown = service_kit::shutdown_signal("fanout");
         let api = match TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(err) => {
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match fanout::run(config, api, metrics, service_kit::shutdown_signal()).await {
+        match fanout::run(config, api, metrics, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("fanout: {err}");

@@ -48,6 +48,12 @@ impl KeyQueues {
         Ticket { queues: self.clone(), key: key.into(), seq, wait }
     }
 
+    /// The sequence numbers queued for `key`, front first.
+    #[cfg(test)]
+    pub(crate) fn order(&self, key: &str) -> Vec<u64> {
+        self.lock().get(key).map(|q| q.iter().map(|s| s.seq).collect()).unwrap_or_default()
+    }
+
     /// Number of keys with deliveries queued or running.
     pub fn keys(&self) -> usize {
         self.lock().len()

@@ -22,6 +22,9 @@ use crate::delivery::{Answer, Decision, DeliveryStatus, Dispatcher, SubmitError}
 use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
 use crate::metrics::Metrics;
 
+/// How long a client may take between two pieces of its request body.
+pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -44,6 +47,9 @@ pub enum ApiError {
     /// A malformed identifier header.
     #[error(transparent)]
     BadHeader(#[from] forward::BadHeader),
+    /// The headers exceed [`forward::MAX_HEADER_BYTES`].
+    #[error("request headers are larger than 32 KiB in total; nothing was forwarded")]
+    HeadersTooLarge,
     /// `--max-in-flight` deliveries are running.
     #[error("too many deliveries in flight; retry later")]
     Busy,
@@ -63,6 +69,7 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::Body(rejection) => rejection.status(),
             ApiError::BadHeader(_) => StatusCode::BAD_REQUEST,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Busy | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnknownDelivery => StatusCode::NOT_FOUND,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -93,6 +100,8 @@ pub fn api_router(state: AppState, max_body: usize) -> Router {
         .route("/deliveries/{id}", get(delivery))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
+        // A client that stops sending its body is cut off (nginx's client_body_timeout is 60 s as well).
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(CLIENT_BODY_TIMEOUT))
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -164,6 +173,9 @@ async fn write(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if forward::header_bytes(&headers) > forward::MAX_HEADER_BYTES {
+        return Err(ApiError::HeadersTooLarge);
+    }
     let body = body?;
     let ordering_key = state.ordering_key.as_deref().and_then(|field| forward::body_field(&headers, &body, field));
     let client_key = forward::client_token(&headers, &IDEMPOTENCY_KEY)?;

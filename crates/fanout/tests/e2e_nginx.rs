@@ -222,3 +222,54 @@ async fn sigterm_drains_deliveries_in_flight_before_exit() {
     );
     assert_eq!(fields["pending"], 1);
 }
+
+#[tokio::test]
+async fn a_second_stop_signal_ends_the_drain_at_once() {
+    let args = [FAST, &["--shutdown-timeout", "60s"]].concat();
+    let mut stack = Stack::start(false, &args);
+    stack.backends[2].0.kill();
+    assert_eq!(common::post_form(&stack.url("/register"), "username=impatient&password=pw").await.status(), 201);
+    stack.fanout.signal("TERM");
+    stack.fanout.wait_for_log("shutting down: no new writes accepted", Duration::from_secs(5));
+    stack.fanout.signal("INT");
+    let status = stack.fanout.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{status:?}");
+}
+
+#[tokio::test]
+async fn passwords_never_reach_a_log_even_in_a_query_string() {
+    let mut stack = Stack::start(true, FAST);
+    let secrets = ["BodySecret41", "QuerySecret99", "JsonSecret17"];
+    let form = format!("username=logcheck&password={}", secrets[0]);
+    assert_eq!(common::post_form(&stack.url("/register"), &form).await.status(), 201);
+    // All three backends refuse this one (no body): a dead letter per backend, logged with its path.
+    let query = format!("/register?username=qq&password={}", secrets[1]);
+    assert_eq!(common::post_form(&stack.url(&query), "").await.status(), 400);
+    let json = common::client()
+        .post(stack.url("/changePassword"))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"username":"logcheck","password":"{}"}}"#, secrets[2]))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(json.status(), 201);
+    eventually(Duration::from_secs(10), "logcheck at version 2 everywhere", || async {
+        let mut all = true;
+        for (_, addr) in &stack.backends {
+            all &= stack.users(*addr).await.users.iter().any(|u| u.username == "logcheck" && u.version == 2);
+        }
+        all
+    })
+    .await;
+    let mut lines = Vec::new();
+    stack.fanout.terminate(Duration::from_secs(10));
+    lines.extend(stack.fanout.all_lines(Duration::from_secs(2)));
+    for (p, _) in &mut stack.backends {
+        p.kill();
+        lines.extend(p.all_lines(Duration::from_secs(2)));
+    }
+    assert!(lines.iter().any(|l| l.contains("dead letter")), "the refused write was logged");
+    for secret in secrets {
+        assert!(!lines.iter().any(|l| l.contains(secret)), "{secret} appears in a log");
+    }
+}

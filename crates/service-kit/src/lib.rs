@@ -4,9 +4,10 @@
 //!
 //! # Layout
 //! - [`LogFormat`] and [`init_tracing`]: logs to stderr, text (colours only on a terminal) or JSON lines.
-//! - [`shutdown_signal`]: resolves on SIGTERM or Ctrl-C.
+//! - [`shutdown_signal`]: resolves on SIGTERM or Ctrl-C; a second one exits at once.
 //! - [`parse_or_exit`]: clap parsing whose errors are one line.
 
+use std::future::Future;
 use std::io::IsTerminal;
 
 use clap::{Parser, ValueEnum};
@@ -34,20 +35,37 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `docker stop` and Kubernetes send).
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let term = async {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
+/// A future that resolves on the first Ctrl-C (SIGINT) or SIGTERM (what `docker stop` and Kubernetes send).
+/// The handlers are installed when this is called (call it first thing inside the runtime, so that no early
+/// signal kills the process unannounced). A second signal after the first exits the process at once with code
+/// 130: the operator's way out of a drain they do not want to wait for.
+pub fn shutdown_signal(program: &'static str) -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async move {
+        either(&mut term, &mut int).await;
+        tokio::spawn(async move {
+            either(&mut term, &mut int).await;
+            eprintln!("{program}: second stop signal: exiting now");
+            std::process::exit(130);
+        });
+    }
+}
+
+/// Resolves when either stream delivers a signal (never, for a stream that could not be installed).
+async fn either(a: &mut Option<tokio::signal::unix::Signal>, b: &mut Option<tokio::signal::unix::Signal>) {
+    async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
             }
             None => std::future::pending().await,
         }
-    };
+    }
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = term => {},
+        () = one(a) => {},
+        () = one(b) => {},
     }
 }
 

@@ -86,6 +86,19 @@ impl Proc {
         }
     }
 
+    /// Every stderr line seen so far and any still queued, waiting up to `within` for the stream to end (the
+    /// process must have exited for that).
+    pub fn all_lines(&mut self, within: Duration) -> Vec<String> {
+        let deadline = std::time::SystemTime::now() + within;
+        loop {
+            let left = deadline.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO);
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => return self.seen.clone(),
+            }
+        }
+    }
+
     /// Stops the process and reaps it: SIGTERM first for a graceful stopper (SIGKILL after 5 s), else SIGKILL.
     pub fn kill(&mut self) {
         if self.graceful_stop && self.child.try_wait().ok().flatten().is_none() {
@@ -103,8 +116,17 @@ impl Proc {
 
     /// Sends SIGTERM and waits up to `within` for a clean exit; returns the exit status.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.signal("TERM");
+        self.wait_exit(within)
+    }
+
+    /// Sends a signal by name (`TERM`, `INT` ...).
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+    }
+
+    /// Waits up to `within` for the process to exit; returns its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = std::time::SystemTime::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
