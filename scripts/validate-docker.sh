@@ -17,9 +17,14 @@ venv="$root/.venv"
 work=$(mktemp -d)
 pids=()
 cleanup() {
-  [ ${#pids[@]} -gt 0 ] && kill -INT -- "${pids[@]/#/-}" 2>/dev/null
-  [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}" 2>/dev/null
+  local rc=$?
+  set +e
+  if [ ${#pids[@]} -gt 0 ]; then
+    kill -INT -- "${pids[@]/#/-}" 2>/dev/null
+    wait "${pids[@]}" 2>/dev/null
+  fi
   rm -rf "$work"
+  exit "$rc"
 }
 trap cleanup EXIT
 step() { printf -- '--- %s\n' "$*"; }
