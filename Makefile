@@ -32,7 +32,6 @@ test:
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
-	$(CARGO) test --workspace --doc
 
 lint:
 	$(CARGO) fmt --all -- --check
