@@ -1,5 +1,5 @@
 # Entry points of the project; .ci/run calls the same targets.
-.PHONY: all build release run test lint fmt smoke docker-lint up down logs images clean help
+.PHONY: all build release run test lint fmt smoke docker-lint load-test up down logs images clean help
 
 CARGO ?= cargo
 
@@ -10,6 +10,7 @@ help:
 	@echo "make test   - unit, integration and end-to-end tests (installs nginx when missing and root)"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make smoke  - starts 'make run' in the background, tries the README's curl lines, stops it"
+	@echo "make load-test - Locust against the local stack, then checks that every backend converged"
 	@echo "make docker-lint - validates Dockerfile, compose files, nginx template, Prometheus and Grafana config"
 	@echo "make up / down / logs / images - the Docker stack (needs a Docker engine)"
 	@echo "make build / release / clean"
@@ -45,6 +46,10 @@ smoke:
 
 docker-lint:
 	./scripts/validate-docker.sh
+
+# USERS, SPAWN_RATE, DURATION, SKIP_SOME_REQUESTS: see scripts/load-test.sh.
+load-test:
+	./scripts/load-test.sh
 
 # The Docker path (needs a Docker engine with Compose v2). MONITORING=1 adds Prometheus and Grafana.
 COMPOSE ?= docker compose

@@ -6,7 +6,8 @@
 #   4. `promtool check config` on the Prometheus config;
 #   5. the Grafana dashboard parses and queries only metrics that a live local stack exposes (fanout, and
 #      Debian's prometheus-nginx-exporter reading the local nginx);
-#   6. docker-compose.yml sets only variables its programs read (scripts/check-compose-env.py).
+#   6. docker-compose.yml sets only variables its programs read (scripts/check-compose-env.py);
+#   7. the Dockerfile's build stages, rehearsed with cargo-chef (scripts/rehearse-docker-build.sh).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -118,4 +119,7 @@ if python3 scripts/check-dashboard.py "$work/bad-dashboard.json" "$work/fanout.p
   echo "check-dashboard.py missed an unknown metric" >&2; exit 1
 fi
 echo "ok: an unknown metric is caught"
+
+step "the Dockerfile's build stages, without an engine"
+"$root/scripts/rehearse-docker-build.sh"
 echo "docker-lint: all checks passed"
