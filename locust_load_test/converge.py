@@ -2,14 +2,13 @@
 """After a load test: summarises Locust's stats, waits (bounded) until fanout has no delivery in flight, and
 checks that every backend holds the same users (name, version, password fingerprint).
 
-  usage: converge.py --stats PREFIX --metrics URL --backend URL [--backend URL ...] [--drain-timeout S]
+  usage: converge.py --stats STATS_JSON --metrics URL --backend URL [--backend URL ...] [--drain-timeout S]
                      [--locust-exit N]
 
 Prints one summary and exits 1 on any failed request, a drain that did not finish, or any divergence.
 Standard library only.
 """
 import argparse
-import csv
 import json
 import sys
 import time
@@ -21,6 +20,21 @@ def fetch(url: str) -> str:
         return resp.read().decode()
 
 
+def percentiles(times: dict[int, int]) -> str:
+    """p50, p95 and p99 of a {ms: count} histogram, as Locust computes them (the first bucket reaching the rank)."""
+    total = sum(times.values())
+    out = []
+    for q in (0.50, 0.95, 0.99):
+        rank, seen, value = q * total, 0, 0
+        for ms in sorted(times):
+            seen += times[ms]
+            value = ms
+            if seen >= rank:
+                break
+        out.append(f"{value:>7}")
+    return " ".join(out)
+
+
 def gauge(text: str, name: str):
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -30,34 +44,47 @@ def gauge(text: str, name: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stats", required=True, help="Locust --csv prefix")
+    ap.add_argument("--stats", required=True, help="Locust's --json-file output")
     ap.add_argument("--metrics", required=True, help="fanout's /metrics URL")
     ap.add_argument("--backend", action="append", required=True, help="a backend's base URL (GET /users)")
     ap.add_argument("--drain-timeout", type=float, default=120.0)
     ap.add_argument("--locust-exit", type=int, default=0)
     args = ap.parse_args()
 
-    rows = list(csv.DictReader(open(f"{args.stats}_stats.csv", newline="")))
-    total = next((r for r in rows if r["Name"] == "Aggregated"), None)
+    # Locust's final stats (--json-file): one entry per endpoint, response times as {rounded ms: count}.
+    entries = json.load(open(args.stats))
     print("endpoint                 requests  failures     p50     p95     p99  (ms)")
-    for r in rows:
-        name = "all" if r["Name"] == "Aggregated" else f'{r["Type"]} {r["Name"]}'
-        print(f'{name:<24} {r["Request Count"]:>8} {r["Failure Count"]:>9} {r["50%"]:>7} {r["95%"]:>7} {r["99%"]:>7}')
-    requests = int(total["Request Count"]) if total else 0
-    failures = int(total["Failure Count"]) if total else 0
+    merged: dict[int, int] = {}
+    requests = failures = 0
+    for e in sorted(entries, key=lambda e: e["name"]):
+        times = {int(float(k)): v for k, v in e["response_times"].items()}
+        for k, v in times.items():
+            merged[k] = merged.get(k, 0) + v
+        requests += e["num_requests"]
+        failures += e["num_failures"]
+        name = f'{e["method"]} {e["name"]}'
+        print(f'{name:<24} {e["num_requests"]:>8} {e["num_failures"]:>9} ' + percentiles(times))
+    print(f'{"all":<24} {requests:>8} {failures:>9} ' + percentiles(merged))
 
     started = time.monotonic()
     drained = False
     while time.monotonic() - started < args.drain_timeout:
-        if gauge(fetch(args.metrics), "fanout_deliveries_in_flight") == 0.0:
-            drained = True
-            break
+        try:
+            if gauge(fetch(args.metrics), "fanout_deliveries_in_flight") == 0.0:
+                drained = True
+                break
+        except OSError:
+            pass  # not reachable (yet): keep trying until the deadline
         time.sleep(0.2)
     drain_seconds = time.monotonic() - started
 
     views = {}
     for url in args.backend:
-        body = json.loads(fetch(url.rstrip("/") + "/users"))
+        try:
+            body = json.loads(fetch(url.rstrip("/") + "/users"))
+        except OSError as err:
+            print(f"backends converged: NO ({url}/users is unreachable: {err})")
+            return 1
         views[url] = {u["username"]: (u["version"], u["password_fingerprint"]) for u in body["users"]}
     names = set().union(*(v.keys() for v in views.values()))
     differing = sorted(n for n in names if len({v.get(n) for v in views.values()}) != 1)

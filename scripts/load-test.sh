@@ -58,12 +58,12 @@ fi
 echo "load-test: $USERS users, spawn rate $SPAWN_RATE/s, $DURATION, against $lb"
 set +e
 .venv/bin/locust -f locust_load_test/locustfile.py --headless -u "$USERS" -r "$SPAWN_RATE" -t "$DURATION" \
-  --host "$lb" --html "$results/report.html" --csv "$results/stats" --only-summary --loglevel WARNING
+  --host "$lb" --html "$results/report.html" --csv "$results/stats" --json-file "$results/stats" --only-summary --loglevel WARNING
 locust_rc=$? # Locust exits 1 when any request failed; the check below reports it
 set -e
 
 IFS=, read -r -a ports <<<"$BACKEND_PORTS"
 backend_args=()
 for p in "${ports[@]}"; do backend_args+=(--backend "http://127.0.0.1:$p"); done
-python3 locust_load_test/converge.py --stats "$results/stats" --metrics "http://127.0.0.1:$FANOUT_METRICS_PORT/metrics" \
+python3 locust_load_test/converge.py --stats "$results/stats.json" --metrics "http://127.0.0.1:$FANOUT_METRICS_PORT/metrics" \
   "${backend_args[@]}" --locust-exit "$locust_rc"
