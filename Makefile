@@ -1,5 +1,5 @@
 # Entry points of the project; .ci/run calls the same targets.
-.PHONY: all build release run test lint fmt smoke docker-lint load-test up down logs images clean help
+.PHONY: all build release run test lint fmt smoke docker-lint load-test bench bench-memory wrk-available up down logs images clean help
 
 CARGO ?= cargo
 
@@ -11,6 +11,8 @@ help:
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make smoke  - starts 'make run' in the background, tries the README's curl lines, stops it"
 	@echo "make load-test - Locust against the local stack, then checks that every backend converged"
+	@echo "make bench  - fanout side by side with nginx's mirror, nginx proxying and a direct backend (BENCH_ARGS=...)"
+	@echo "make bench-memory - RSS per pending delivery with a dead backend, the in-flight bound, the drain (MEMORY_ARGS=...)"
 	@echo "make docker-lint - validates Dockerfile, compose files, nginx template, Prometheus and Grafana config"
 	@echo "make up / down / logs / images - the Docker stack (needs a Docker engine)"
 	@echo "make build / release / clean"
@@ -50,6 +52,21 @@ docker-lint:
 # USERS, SPAWN_RATE, DURATION, SKIP_SOME_REQUESTS: see scripts/load-test.sh.
 load-test:
 	./scripts/load-test.sh
+
+# wrk (Debian's) drives the benchmark; installed when missing and root.
+wrk-available:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
+		|| { echo "wrk is missing: sudo apt-get install wrk"; exit 1; }
+	@./scripts/ensure-nginx.sh >/dev/null
+
+BENCH_ARGS ?=
+bench: wrk-available release
+	python3 bench/bench.py $(BENCH_ARGS)
+
+MEMORY_ARGS ?=
+bench-memory: release
+	@./scripts/ensure-nginx.sh >/dev/null
+	python3 bench/memory.py $(MEMORY_ARGS)
 
 # The Docker path (needs a Docker engine with Compose v2). MONITORING=1 adds Prometheus and Grafana.
 COMPOSE ?= docker compose

@@ -3,14 +3,19 @@
 # /etc/nginx/templates, so that nginx runs unprivileged from that prefix: its own pid, logs and temp paths,
 # never the system's config. Used by `make run` and by the end-to-end tests.
 #
-#   usage: nginx/render.sh PREFIX
-#   env:   BACKEND_1 BACKEND_2 BACKEND_3 LB LB_METRICS NGINX_LISTEN (all required)
+#   usage: nginx/render.sh PREFIX [TEMPLATE]
+#   env:   BACKEND_1 BACKEND_2 BACKEND_3 LB LB_METRICS NGINX_LISTEN (all required), or with another TEMPLATE
+#          (the benchmark's baselines) the ${NAME}s that one uses
 #   then:  nginx -p PREFIX -c PREFIX/nginx.conf -e PREFIX/logs/error.log
 set -euo pipefail
 
-prefix=${1:?usage: nginx/render.sh PREFIX}
+prefix=${1:?usage: nginx/render.sh PREFIX [TEMPLATE]}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+template=${2:-$here/default.conf.template}
 vars='BACKEND_1 BACKEND_2 BACKEND_3 LB LB_METRICS NGINX_LISTEN'
+if [ $# -ge 2 ]; then
+  vars=$(grep -o '\${[A-Z0-9_]*}' "$template" | tr -d '${}' | sort -u | tr '\n' ' ')
+fi
 for v in $vars; do
   if [ -z "${!v:-}" ]; then
     echo "nginx/render.sh: $v is not set" >&2
@@ -22,7 +27,7 @@ command -v envsubst >/dev/null || { echo "nginx/render.sh: envsubst is missing (
 mkdir -p "$prefix/conf.d" "$prefix/logs" "$prefix/temp"
 prefix=$(cd "$prefix" && pwd)
 # Only our names are substituted: $host, $request_id ... are nginx's and must survive.
-envsubst "$(printf '${%s} ' $vars)" < "$here/default.conf.template" > "$prefix/conf.d/default.conf"
+envsubst "$(printf '${%s} ' $vars)" < "$template" > "$prefix/conf.d/default.conf"
 
 # When started as root, nginx would switch its workers to 'nobody', who cannot enter a private prefix; the
 # workers keep the invoking user instead (the directive is ignored, with a notice, when not root).

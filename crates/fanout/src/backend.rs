@@ -71,9 +71,17 @@ impl BackendAddr {
     }
 
     /// The URL of `path_and_query` (which starts with `/`) on this backend, below the base URL's path prefix.
-    pub fn target(&self, path_and_query: &str) -> String {
-        let base = self.url.as_str().trim_end_matches('/');
-        format!("{base}{path_and_query}")
+    /// Built from the parsed base, so the host is not parsed (nor IDNA-processed) again for every attempt.
+    pub fn target(&self, path_and_query: &str) -> Url {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (path_and_query, None),
+        };
+        let mut url = self.url.clone();
+        let prefix = self.url.path().trim_end_matches('/');
+        url.set_path(&format!("{prefix}{path}"));
+        url.set_query(query);
+        url
     }
 }
 
@@ -205,11 +213,12 @@ mod tests {
     fn backend_addresses_parse() {
         let a: BackendAddr = "server1:8080".parse().expect("host:port");
         assert_eq!(a.label(), "server1:8080");
-        assert_eq!(a.target("/register"), "http://server1:8080/register");
+        assert_eq!(a.target("/register").as_str(), "http://server1:8080/register");
         let b: BackendAddr = "http://10.0.0.2:9000/api/".parse().expect("url");
-        assert_eq!(b.target("/register?x=1"), "http://10.0.0.2:9000/api/register?x=1");
+        assert_eq!(b.target("/register?x=1").as_str(), "http://10.0.0.2:9000/api/register?x=1");
         let c: BackendAddr = "[::1]:8080".parse().expect("ipv6");
-        assert_eq!(c.target("/a"), "http://[::1]:8080/a");
+        assert_eq!(c.target("/a").as_str(), "http://[::1]:8080/a");
+        assert_eq!(a.target("/a%20b?q=%C3%A9").as_str(), "http://server1:8080/a%20b?q=%C3%A9");
         for bad in [
             "server1",
             ":8080",

@@ -229,8 +229,8 @@ pub enum BackendState {
 /// The progress of a delivery to one backend.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendProgress {
-    /// The backend as written in the pool.
-    pub backend: String,
+    /// The backend as written in the pool (shared with the pool, not copied per delivery).
+    pub backend: Arc<str>,
     /// Where it stands.
     pub state: BackendState,
     /// The status of the last answer, if any.
@@ -325,6 +325,7 @@ pub enum SubmitError {
 /// One backend of the pool with its metric handles and its per-user queues.
 struct Backend {
     addr: BackendAddr,
+    label: Arc<str>,
     metrics: BackendMetrics,
     order: Arc<KeyQueues>,
 }
@@ -392,7 +393,12 @@ impl Dispatcher {
         let backends = settings
             .pool
             .iter()
-            .map(|addr| Backend { addr: addr.clone(), metrics: metrics.backend(addr.label()), order: Arc::default() })
+            .map(|addr| Backend {
+                addr: addr.clone(),
+                label: addr.label().into(),
+                metrics: metrics.backend(addr.label()),
+                order: Arc::default(),
+            })
             .collect();
         let permits = Arc::new(Semaphore::new(settings.max_in_flight));
         Ok(Self {
@@ -439,7 +445,7 @@ impl Dispatcher {
             .backends
             .iter()
             .map(|b| BackendProgress {
-                backend: b.addr.label().to_owned(),
+                backend: b.label.clone(),
                 state: BackendState::Pending,
                 status: None,
                 attempts: 0,
@@ -636,7 +642,7 @@ async fn deliver_to(
 /// One attempt: the request with the shared body, bounded by `timeout` from connect to the last body byte.
 async fn send_attempt(
     client: &reqwest::Client,
-    url: &str,
+    url: &reqwest::Url,
     request: &ForwardRequest,
     timeout: Duration,
     metrics: &BackendMetrics,
@@ -644,7 +650,7 @@ async fn send_attempt(
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, async {
         let response = client
-            .request(request.method.clone(), url)
+            .request(request.method.clone(), url.clone())
             .headers(request.headers.clone())
             .body(request.body.clone())
             .send()

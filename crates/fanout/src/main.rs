@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use fanout::Config;
 use tokio::net::TcpListener;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config: Config = service_kit::parse_or_exit("fanout");
     if let Err(err) = config.validate() {

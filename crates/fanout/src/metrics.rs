@@ -9,7 +9,8 @@
 //! Each [`Metrics`] owns its own Prometheus registry (no global recorder), so several services can run in one
 //! process, as the tests do.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
@@ -81,6 +82,10 @@ struct Inner {
     total_failed: Counter,
     in_flight: Gauge,
     rejected: Counter,
+    /// Handles of `fanout_requests_total` by (route, status) and of the duration histogram by route, registered
+    /// on first use: the hot path then reads a map instead of building and hashing a labelled key.
+    request_counters: RwLock<HashMap<(&'static str, u16), Counter>>,
+    request_durations: RwLock<HashMap<&'static str, Histogram>>,
 }
 
 impl Default for Metrics {
@@ -134,6 +139,8 @@ impl Metrics {
             total_failed: recorder.register_counter(&Key::from_static_name(TOTAL_FAILED), &METADATA),
             in_flight: recorder.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
             rejected: recorder.register_counter(&Key::from_static_name(REJECTED), &METADATA),
+            request_counters: RwLock::default(),
+            request_durations: RwLock::default(),
             recorder,
             handle,
         };
@@ -180,13 +187,19 @@ impl Metrics {
         m
     }
 
-    /// Counts one answered client request.
-    pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
-        let r = &self.inner.recorder;
-        let labels = vec![Label::new("route", route.to_owned()), Label::new("status", status.to_string())];
-        r.register_counter(&Key::from_parts(REQUESTS, labels), &METADATA).increment(1);
-        let labels = vec![Label::new("route", route.to_owned())];
-        r.register_histogram(&Key::from_parts(REQUEST_DURATION, labels), &METADATA).record(elapsed.as_secs_f64());
+    /// Counts one answered client request. `route` is one of the router's routes (a bounded set).
+    pub fn request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        let inner = &*self.inner;
+        let counter = cached(&inner.request_counters, (route, status), || {
+            let labels = vec![Label::new("route", route), Label::new("status", status.to_string())];
+            inner.recorder.register_counter(&Key::from_parts(REQUESTS, labels), &METADATA)
+        });
+        counter.increment(1);
+        let histogram = cached(&inner.request_durations, route, || {
+            let labels = vec![Label::new("route", route)];
+            inner.recorder.register_histogram(&Key::from_parts(REQUEST_DURATION, labels), &METADATA)
+        });
+        histogram.record(elapsed.as_secs_f64());
     }
 
     /// The gauge of deliveries in flight.
@@ -208,6 +221,18 @@ impl Metrics {
     pub fn run_upkeep(&self) {
         self.inner.handle.run_upkeep();
     }
+}
+
+/// The handle under `key`, registered with `register` the first time.
+fn cached<K: Eq + std::hash::Hash + Copy, H: Clone>(
+    map: &RwLock<HashMap<K, H>>,
+    key: K,
+    register: impl FnOnce() -> H,
+) -> H {
+    if let Some(h) = map.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return h.clone();
+    }
+    map.write().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert_with(register).clone()
 }
 
 enum Kind {
