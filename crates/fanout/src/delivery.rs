@@ -531,7 +531,8 @@ async fn run_delivery(
     // Released when the task ends, however it ends.
     _held: (OwnedSemaphorePermit, GaugeGuard),
 ) {
-    let mut tally = Tally::new(shared.settings.ack, shared.backends.len());
+    // The tally (and the answers it holds) lives only until the client is answered.
+    let mut tally = Some(Tally::new(shared.settings.ack, shared.backends.len()));
     let mut reply = Some(reply);
     let mut loops: FuturesUnordered<_> = tickets
         .into_iter()
@@ -544,14 +545,15 @@ async fn run_delivery(
         })
         .collect();
     while let Some((index, result)) = loops.next().await {
-        if reply.is_some() {
-            tally.record(index, result);
-            let decision = tally.decide();
+        if let Some(t) = tally.as_mut() {
+            t.record(index, result);
+            let decision = t.decide();
             if decision != Decision::Wait
                 && let Some(tx) = reply.take()
             {
                 // The client may have gone: the delivery goes on regardless.
                 let _ = tx.send(Reply { decision });
+                tally = None;
             }
         }
     }
@@ -592,7 +594,9 @@ async fn deliver_to(
     let result = retry_loop(
         settings.backoff,
         settings.max_attempts,
-        |_| send_attempt(&shared.client, &url, request, settings.attempt_timeout, &backend.metrics),
+        // Boxed: the attempt's future (the HTTP client's, the largest part) exists only during an attempt,
+        // not inline in a loop that mostly sleeps in backoff.
+        |_| Box::pin(send_attempt(&shared.client, &url, request, settings.attempt_timeout, &backend.metrics)),
         |n, r| {
             let mut progress = status.lock();
             let p = &mut progress[index];

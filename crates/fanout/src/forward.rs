@@ -76,7 +76,10 @@ pub fn client_token(incoming: &HeaderMap, name: &'static HeaderName) -> Result<O
     let mut values = incoming.get_all(name).iter();
     match (values.next(), values.next()) {
         (None, _) => Ok(None),
-        (Some(v), None) if valid_token(v) => Ok(Some(v.clone())),
+        // Copied, like every forwarded value (see forwarded_headers): no slice of the read buffer is kept.
+        (Some(v), None) if valid_token(v) => {
+            Ok(Some(HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone())))
+        }
         _ => Err(BadHeader(canonical(name))),
     }
 }
@@ -131,7 +134,10 @@ pub fn forwarded_headers(
         if name == IDEMPOTENCY_KEY || name == X_REQUEST_ID || name == X_FORWARDED_FOR {
             continue;
         }
-        out.append(name.clone(), value.clone());
+        // A copy, not a clone: hyper's header values are slices of the connection's read buffer, and a pending
+        // delivery holding one would pin the whole buffer (8 KiB and more) for as long as it waits.
+        let owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        out.append(name.clone(), owned);
     }
     out.insert(IDEMPOTENCY_KEY.clone(), idempotency_key);
     out.insert(X_REQUEST_ID.clone(), request_id);

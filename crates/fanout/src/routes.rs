@@ -191,7 +191,9 @@ async fn write(
             request_id.unwrap_or_else(|| id_text.clone()),
             Some(peer.ip()),
         ),
-        body,
+        // A small body parsed by hyper is a slice of the connection's read buffer (8 KiB and more); a pending
+        // delivery holding that slice would pin the whole buffer. Its own exact-size copy costs one memcpy.
+        body: Bytes::copy_from_slice(&body),
     };
     let submitted = state.dispatcher.submit(id, request, ordering_key.as_deref()).map_err(|e| match e {
         SubmitError::Busy => ApiError::Busy,
