@@ -65,7 +65,6 @@ bench: wrk-available release
 
 MEMORY_ARGS ?=
 bench-memory: release
-	@./scripts/ensure-nginx.sh >/dev/null
 	python3 bench/memory.py $(MEMORY_ARGS)
 
 # The Docker path (needs a Docker engine with Compose v2). MONITORING=1 adds Prometheus and Grafana.

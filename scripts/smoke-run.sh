@@ -13,7 +13,7 @@ fail() { echo "smoke: $*" >&2; echo "--- make run output:" >&2; cat "$log" >&2; 
 
 "$root/scripts/run-local.sh" >"$log" 2>&1 &
 job=$!
-stop() { kill -INT -- "-$job" 2>/dev/null || true; }
+stop() { kill -INT -- "-$job" 2>/dev/null || true; rm -f "$log"; }
 trap stop EXIT
 
 for _ in $(seq 1 1800); do # the first release build can take minutes
@@ -45,7 +45,7 @@ for p in "${ports[@]}"; do
 done
 
 # Ctrl-C stops everything.
-trap - EXIT
+trap 'rm -f "$log"' EXIT
 kill -INT -- "-$job"
 wait "$job" || true
 for p in "$NGINX_PORT" "$FANOUT_PORT" "$FANOUT_METRICS_PORT" "${ports[@]}"; do
