@@ -86,7 +86,7 @@ for i in 1 2 3; do
 done
 
 BACKEND_POOL=$(IFS=,; echo "${pool[*]}") LISTEN_ADDR="127.0.0.1:$FANOUT_PORT" METRICS_PORT="$FANOUT_METRICS_PORT" \
-  start fanout "$bin/fanout"
+  DATA_DIR=${DATA_DIR-$RUN_DIR/data} start fanout "$bin/fanout"
 wait_http fanout "http://127.0.0.1:$FANOUT_PORT/healthz"
 wait_http fanout "http://127.0.0.1:$FANOUT_METRICS_PORT/healthz"
 

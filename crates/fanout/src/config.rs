@@ -6,6 +6,7 @@
 //! take byte units (`64KiB`, `1MB`, via `bytesize`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
@@ -108,6 +109,12 @@ pub struct Config {
     /// order fanout accepted them. Empty disables ordering.
     #[arg(long, allow_hyphen_values = true, env = "ORDERING_KEY", default_value = "username")]
     pub ordering_key: String,
+
+    /// Directory of the durable outbox (`outbox.redb`): every accepted write is stored there before anything is
+    /// sent, and delivered after a restart if it was not yet. Empty: in memory only (writes pending at a crash or
+    /// restart are lost).
+    #[arg(long, allow_hyphen_values = true, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
 
     /// How many recent deliveries `GET /deliveries/{id}` remembers.
     #[arg(long, allow_hyphen_values = true, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
@@ -220,6 +227,11 @@ impl Config {
             pool.push(addr);
         }
         Ok(pool)
+    }
+
+    /// The outbox directory, or `None` for in-memory operation (`--data-dir ""`).
+    pub fn outbox_dir(&self) -> Option<&std::path::Path> {
+        Some(self.data_dir.as_path()).filter(|p| !p.as_os_str().is_empty())
     }
 
     /// The address of the metrics listener: the IP of `--listen` with `--metrics-port`.

@@ -30,6 +30,7 @@ use crate::config::AckPolicy;
 use crate::forward::ForwardRequest;
 use crate::metrics::{BackendMetrics, DeadLetterReason, Metrics};
 use crate::ordering::{KeyQueues, Ticket};
+use crate::outbox::{BackendRow, Outbox, StoredDelivery, Unfinished, now_ms};
 
 /// Largest backend answer body kept to be passed back to the client; longer ones are dropped (the status and
 /// content type still are passed back) so that a backend cannot make fanout buffer without bound.
@@ -78,13 +79,24 @@ pub enum BackendResult {
     },
 }
 
+/// Where a backend's retry loop starts: fresh, or resumed from the outbox after a restart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// Attempts already made (they count against `max_attempts`).
+    pub attempts: u32,
+    /// Wait before the next attempt.
+    pub wait: Duration,
+}
+
 /// Runs the attempts of one delivery to one backend: attempt 1 at once, then after each transient failure the
 /// wait of the [`Backoff`] schedule (or the backend's `Retry-After`, capped), until success, a permanent failure
 /// or `max_attempts` attempts. `on_attempt(n, &result)` runs after every attempt, `on_retry(n, wait, outcome)`
-/// before every wait, with `n` the attempt just made (1-based). Waits use tokio's clock.
+/// before every wait, with `n` the attempt just made (1-based). A [`Resume`] continues a schedule where it
+/// stopped. Waits use tokio's clock.
 pub async fn retry_loop<A, F>(
     backoff: Backoff,
     max_attempts: u32,
+    resume: Resume,
     mut attempt: A,
     mut on_attempt: impl FnMut(u32, &AttemptResult),
     mut on_retry: impl FnMut(u32, Duration, Outcome),
@@ -93,7 +105,17 @@ where
     A: FnMut(u32) -> F,
     F: Future<Output = AttemptResult>,
 {
-    let mut n = 1;
+    let mut n = resume.attempts + 1;
+    if n > max_attempts {
+        return BackendResult::DeadLetter {
+            attempts: resume.attempts,
+            reason: DeadLetterReason::Exhausted,
+            answer: None,
+        };
+    }
+    if !resume.wait.is_zero() {
+        tokio::time::sleep(resume.wait).await;
+    }
     loop {
         let result = attempt(n).await;
         on_attempt(n, &result);
@@ -147,6 +169,8 @@ pub enum Decision {
     },
     /// The policy can no longer be met: `502` with a summary.
     Unmet,
+    /// The write could not be stored in the outbox: `503`, and nothing was sent.
+    Refused,
 }
 
 /// The final results of one delivery so far, and the pure rule of when to answer.
@@ -224,6 +248,8 @@ pub enum BackendState {
     Delivered,
     /// The backend gave up.
     DeadLetter,
+    /// Finished (delivered or dead letter) before fanout restarted; the outbox does not keep which.
+    Finished,
 }
 
 /// The progress of a delivery to one backend.
@@ -371,6 +397,17 @@ struct Shared {
     enqueue: Mutex<()>,
     /// Set when shutdown starts: no new delivery is accepted from then on.
     closing: AtomicBool,
+    /// Where accepted writes are stored before anything is sent; `None` keeps them in memory only.
+    outbox: Option<Outbox>,
+}
+
+impl Shared {
+    /// Drops a delivery from the recent-deliveries registry (it was never accepted).
+    fn forget(&self, id: &Uuid) {
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.by_id.remove(id);
+        reg.order.retain(|x| x != id);
+    }
 }
 
 struct Registry {
@@ -383,7 +420,7 @@ impl Dispatcher {
     ///
     /// # Errors
     /// When the HTTP client cannot be built (its TLS-less builder does not fail in practice).
-    pub fn new(settings: DispatchSettings, metrics: Metrics) -> Result<Self, reqwest::Error> {
+    pub fn new(settings: DispatchSettings, metrics: Metrics, outbox: Option<Outbox>) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(settings.pool_idle_timeout)
@@ -412,6 +449,7 @@ impl Dispatcher {
                 next_seq: AtomicU64::new(0),
                 enqueue: Mutex::new(()),
                 closing: AtomicBool::new(false),
+                outbox,
             }),
         })
     }
@@ -440,40 +478,119 @@ impl Dispatcher {
             }
             Err(tokio::sync::TryAcquireError::Closed) => return Err(SubmitError::ShuttingDown),
         };
+        let plan = vec![Some(Resume::default()); self.shared.backends.len()];
+        let (seq, tickets) = self.take_places(ordering_key, &plan);
+        let status = self.track(id, SystemTime::now(), &plan);
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            id,
+            seq,
+            ordering_key: ordering_key.map(str::to_owned),
+            request: Arc::new(request),
+            plan,
+            status: status.clone(),
+            tickets,
+            store: self.shared.outbox.is_some(),
+        };
+        let in_flight = GaugeGuard::new(self.shared.metrics.in_flight().clone());
+        tokio::spawn(run_delivery(self.shared.clone(), job, Some(tx), (permit, in_flight)));
+        Ok(Submitted { status, reply: rx })
+    }
+
+    /// Takes this delivery's places in the per-user queues of the backends in `plan`, all at once (see
+    /// [`crate::ordering`]), and its acceptance order.
+    fn take_places(&self, ordering_key: Option<&str>, plan: &[Option<Resume>]) -> (u64, Vec<Option<Ticket>>) {
+        let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let tickets = self
+            .shared
+            .backends
+            .iter()
+            .zip(plan)
+            .map(|(b, p)| match (ordering_key, p) {
+                (Some(key), Some(_)) => Some(b.order.enqueue(key, seq)),
+                _ => None,
+            })
+            .collect();
+        (seq, tickets)
+    }
+
+    /// A progress record for a delivery, remembered for `GET /deliveries/{id}`.
+    fn track(&self, id: Uuid, accepted_at: SystemTime, plan: &[Option<Resume>]) -> Arc<DeliveryStatus> {
         let progress = self
             .shared
             .backends
             .iter()
-            .map(|b| BackendProgress {
+            .zip(plan)
+            .map(|(b, p)| BackendProgress {
                 backend: b.label.clone(),
-                state: BackendState::Pending,
+                state: if p.is_some() { BackendState::Pending } else { BackendState::Finished },
                 status: None,
-                attempts: 0,
+                attempts: p.map_or(0, |r| r.attempts),
                 outcome: None,
                 reason: None,
             })
             .collect();
-        let status = Arc::new(DeliveryStatus { id, accepted_at: SystemTime::now(), backends: Mutex::new(progress) });
+        let status = Arc::new(DeliveryStatus { id, accepted_at, backends: Mutex::new(progress) });
         self.remember(&status);
-        let tickets = match ordering_key {
-            None => self.shared.backends.iter().map(|_| None).collect(),
-            Some(key) => {
-                let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
-                let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
-                self.shared.backends.iter().map(|b| Some(b.order.enqueue(key, seq))).collect()
+        status
+    }
+
+    /// Resumes deliveries read from the outbox at start, in acceptance order: each takes its places in the
+    /// per-user queues now (before any new write can), and starts once an in-flight permit is free. New
+    /// acceptance numbers continue after the highest one stored.
+    pub fn resume(&self, unfinished: Vec<Unfinished>) -> usize {
+        let count = unfinished.len();
+        if let Some(max) = unfinished.iter().map(|u| u.delivery.seq).max() {
+            self.shared.next_seq.fetch_max(max + 1, Ordering::Relaxed);
+        }
+        let now = now_ms();
+        for u in unfinished {
+            let id = Uuid::from_u128(u.id);
+            let mut plan = vec![None; self.shared.backends.len()];
+            for (backend, row) in &u.pending {
+                if let Some(slot) = plan.get_mut(usize::from(*backend)) {
+                    let wait = Duration::from_millis(row.next_due_ms.saturating_sub(now));
+                    *slot = Some(Resume { attempts: row.attempts, wait });
+                }
             }
-        };
-        let (tx, rx) = oneshot::channel();
-        let in_flight = GaugeGuard::new(self.shared.metrics.in_flight().clone());
-        tokio::spawn(run_delivery(
-            self.shared.clone(),
-            Arc::new(request),
-            status.clone(),
-            tickets,
-            tx,
-            (permit, in_flight),
-        ));
-        Ok(Submitted { status, reply: rx })
+            let Some(request) = u.delivery.to_request() else {
+                tracing::error!(delivery_id = %id, "outbox record does not decode to a request; skipped");
+                continue;
+            };
+            let seq = u.delivery.seq;
+            let tickets = {
+                let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
+                self.shared
+                    .backends
+                    .iter()
+                    .zip(&plan)
+                    .map(|(b, p)| match (&u.delivery.ordering_key, p) {
+                        (Some(key), Some(_)) => Some(b.order.enqueue(key, seq)),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let accepted_at = std::time::UNIX_EPOCH + Duration::from_millis(u.delivery.accepted_at_ms);
+            let status = self.track(id, accepted_at, &plan);
+            let job = Job {
+                id,
+                seq,
+                ordering_key: u.delivery.ordering_key.clone(),
+                request: Arc::new(request),
+                plan,
+                status,
+                tickets,
+                store: false,
+            };
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let Ok(permit) = shared.permits.clone().acquire_owned().await else { return };
+                let in_flight = GaugeGuard::new(shared.metrics.in_flight().clone());
+                run_delivery(shared, job, None, (permit, in_flight)).await;
+            });
+        }
+        count
     }
 
     fn remember(&self, status: &Arc<DeliveryStatus>) {
@@ -521,30 +638,62 @@ impl Dispatcher {
     }
 }
 
-/// The task of one delivery: every backend's retry loop, polled together; the reply is sent once decided.
-async fn run_delivery(
-    shared: Arc<Shared>,
+/// A delivery ready to run: the write, which backends still need it and from where, its queue places.
+struct Job {
+    id: Uuid,
+    seq: u64,
+    ordering_key: Option<String>,
     request: Arc<ForwardRequest>,
+    plan: Vec<Option<Resume>>,
     status: Arc<DeliveryStatus>,
     tickets: Vec<Option<Ticket>>,
-    reply: oneshot::Sender<Reply>,
+    /// Store it in the outbox before anything is sent (a new write, with an outbox).
+    store: bool,
+}
+
+/// The task of one delivery: the write is stored first (with an outbox), then every pending backend's retry
+/// loop runs, polled together; the reply is sent once decided, and each backend's end is recorded in the outbox.
+async fn run_delivery(
+    shared: Arc<Shared>,
+    job: Job,
+    reply: Option<oneshot::Sender<Reply>>,
     // Released when the task ends, however it ends.
     _held: (OwnedSemaphorePermit, GaugeGuard),
 ) {
+    let Job { id, seq, ordering_key, request, plan, status, tickets, store } = job;
+    let mut reply = reply;
+    if store && let Some(outbox) = &shared.outbox {
+        let stored = StoredDelivery::from_request(seq, &request, ordering_key);
+        let backends = u16::try_from(plan.len()).unwrap_or(u16::MAX);
+        if let Err(err) = outbox.accept(id.as_u128(), &stored, backends).await {
+            tracing::error!(delivery_id = %id, error = %err, "write not stored: refused, nothing sent");
+            shared.forget(&id);
+            if let Some(tx) = reply.take() {
+                let _ = tx.send(Reply { decision: Decision::Refused });
+            }
+            return;
+        }
+    }
     // The tally (and the answers it holds) lives only until the client is answered.
-    let mut tally = Some(Tally::new(shared.settings.ack, shared.backends.len()));
-    let mut reply = Some(reply);
-    let mut loops: FuturesUnordered<_> = tickets
+    let mut tally = reply.as_ref().map(|_| Tally::new(shared.settings.ack, shared.backends.len()));
+    let mut remaining = plan.iter().filter(|p| p.is_some()).count();
+    let mut loops: FuturesUnordered<_> = plan
         .into_iter()
+        .zip(tickets)
         .enumerate()
-        .map(|(index, ticket)| {
+        .filter_map(|(index, (resume, ticket))| resume.map(|r| (index, r, ticket)))
+        .map(|(index, resume, ticket)| {
             let shared = &shared;
             let request = &request;
             let status = &status;
-            async move { (index, deliver_to(shared, index, request, status, ticket).await) }
+            async move { (index, deliver_to(shared, index, request, status, resume, ticket).await) }
         })
         .collect();
     while let Some((index, result)) = loops.next().await {
+        remaining -= 1;
+        if let Some(outbox) = &shared.outbox {
+            outbox.finish(id.as_u128(), u16::try_from(index).unwrap_or(u16::MAX), remaining == 0).await;
+        }
         if let Some(t) = tally.as_mut() {
             t.record(index, result);
             let decision = t.decide();
@@ -582,6 +731,7 @@ async fn deliver_to(
     index: usize,
     request: &ForwardRequest,
     status: &DeliveryStatus,
+    resume: Resume,
     mut ticket: Option<Ticket>,
 ) -> BackendResult {
     let backend = &shared.backends[index];
@@ -591,9 +741,20 @@ async fn deliver_to(
         ticket.ready().await;
     }
     let url = backend.addr.target(&request.path_and_query);
+    let record = |attempts: u32, wait: Duration| {
+        if let Some(outbox) = &shared.outbox {
+            let next_due_ms = if wait.is_zero() { 0 } else { now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0) };
+            outbox.progress(
+                status.id.as_u128(),
+                u16::try_from(index).unwrap_or(u16::MAX),
+                BackendRow { attempts, next_due_ms },
+            );
+        }
+    };
     let result = retry_loop(
         settings.backoff,
         settings.max_attempts,
+        resume,
         // Boxed: the attempt's future (the HTTP client's, the largest part) exists only during an attempt,
         // not inline in a loop that mostly sleeps in backoff.
         |_| Box::pin(send_attempt(&shared.client, &url, request, settings.attempt_timeout, &backend.metrics)),
@@ -605,6 +766,7 @@ async fn deliver_to(
             p.outcome = Some(r.outcome.as_str());
         },
         |n, wait, outcome| {
+            record(n, wait);
             backend.metrics.retry();
             tracing::info!(
                 backend = %backend.addr,
@@ -794,6 +956,7 @@ mod tests {
         let result = retry_loop(
             backoff,
             max_attempts,
+            Resume::default(),
             |_| {
                 times.borrow_mut().push(start.elapsed());
                 let next = script.borrow_mut().next().expect("script long enough");
@@ -864,7 +1027,7 @@ mod tests {
             history: 10,
             pool_idle_timeout: Duration::from_secs(1),
         };
-        Dispatcher::new(settings, Metrics::new()).expect("client")
+        Dispatcher::new(settings, Metrics::new(), None).expect("client")
     }
 
     fn write() -> ForwardRequest {

@@ -10,6 +10,7 @@
 //! - [`forward`]: which headers cross to the backends, and the ids added to them.
 //! - [`delivery`]: one write on its way to every backend; the ack policy's decision; the in-flight bound.
 //! - [`ordering`]: per-user FIFO queues on each backend, so that a user's writes arrive in acceptance order.
+//! - [`outbox`]: the durable store of accepted writes (redb, group commits), read back at start.
 //! - [`routes`]: the axum routers and the error type clients see.
 //! - [`metrics`]: every metric name and HELP text.
 //!
@@ -22,6 +23,7 @@ pub mod delivery;
 pub mod forward;
 pub mod metrics;
 pub mod ordering;
+pub mod outbox;
 pub mod routes;
 
 use std::future::{Future, IntoFuture};
@@ -54,6 +56,14 @@ pub enum RunError {
     /// A listener failed.
     #[error("listener failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The outbox cannot be opened or read.
+    #[error("--data-dir (DATA_DIR) {dir}: {error}")]
+    Store {
+        /// The directory.
+        dir: String,
+        /// What failed.
+        error: outbox::StoreError,
+    },
 }
 
 /// Serves the API on `api` and `/metrics` on `metrics_listener` until `shutdown` resolves, then stops accepting
@@ -68,6 +78,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let pool = config.validate()?;
+    let store_error = |error| RunError::Store { dir: config.data_dir.display().to_string(), error };
+    let outbox = config.outbox_dir().map(outbox::Outbox::open).transpose().map_err(store_error)?;
+    let unfinished = match &outbox {
+        Some(o) => o.unfinished().map_err(store_error)?,
+        None => Vec::new(),
+    };
     let metrics = Metrics::new();
     let dispatcher = Dispatcher::new(
         DispatchSettings {
@@ -85,7 +101,12 @@ pub async fn run(
             pool_idle_timeout: config.pool_idle_timeout,
         },
         metrics.clone(),
+        outbox,
     )?;
+    let resumed = dispatcher.resume(unfinished);
+    if resumed > 0 {
+        tracing::info!(resumed, "resuming deliveries left in the outbox");
+    }
     let ordering_key = Some(config.ordering_key.trim()).filter(|k| !k.is_empty()).map(str::to_owned);
     let state = AppState {
         dispatcher: dispatcher.clone(),
@@ -102,6 +123,7 @@ pub async fn run(
         backends = %config.backends.join(","),
         ack = config.ack.as_str(),
         max_attempts = config.max_attempts,
+        data_dir = %config.outbox_dir().map_or_else(|| "(in memory)".to_owned(), |d| d.display().to_string()),
         "fanout listening"
     );
 

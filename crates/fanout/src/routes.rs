@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::config::AckPolicy;
-use crate::delivery::{Answer, Decision, DeliveryStatus, Dispatcher, SubmitError};
+use crate::delivery::{Answer, Decision, DeliveryStatus, Dispatcher, Reply, SubmitError};
 use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
 use crate::metrics::Metrics;
 
@@ -56,6 +56,9 @@ pub enum ApiError {
     /// The service is shutting down.
     #[error("shutting down; retry on another instance")]
     ShuttingDown,
+    /// The write could not be stored in the outbox; nothing was sent.
+    #[error("the write could not be stored; nothing was sent, retry later")]
+    StoreUnavailable,
     /// A delivery id that is unknown or was forgotten.
     #[error("no recent delivery with this id")]
     UnknownDelivery,
@@ -70,7 +73,7 @@ impl IntoResponse for ApiError {
             ApiError::Body(rejection) => rejection.status(),
             ApiError::BadHeader(_) => StatusCode::BAD_REQUEST,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::Busy | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnknownDelivery => StatusCode::NOT_FOUND,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -81,7 +84,7 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut response = (status, Json(json!({ "error": message }))).into_response();
-        if matches!(self, ApiError::Busy | ApiError::ShuttingDown) {
+        if matches!(self, ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
@@ -200,6 +203,7 @@ async fn write(
         SubmitError::ShuttingDown => ApiError::ShuttingDown,
     })?;
     let mut response = match tokio::time::timeout(state.ack_timeout, submitted.reply).await {
+        Ok(Ok(Reply { decision: Decision::Refused })) => return Err(ApiError::StoreUnavailable),
         Ok(Ok(reply)) => answer(reply.decision, state.dispatcher.ack_policy(), &submitted.status),
         Ok(Err(_)) => return Err(ApiError::Internal),
         Err(_) => {
@@ -220,7 +224,9 @@ fn answer(decision: Decision, policy: AckPolicy, status: &Arc<DeliveryStatus>) -
         Decision::Acked { answer } if policy == AckPolicy::First => passed_back(answer),
         Decision::Acked { .. } => (StatusCode::CREATED, Json(status.summary())).into_response(),
         Decision::PassBack { answer } => passed_back(answer),
-        Decision::Unmet | Decision::Wait => (StatusCode::BAD_GATEWAY, Json(status.summary())).into_response(),
+        Decision::Unmet | Decision::Wait | Decision::Refused => {
+            (StatusCode::BAD_GATEWAY, Json(status.summary())).into_response()
+        }
     }
 }
 

@@ -81,7 +81,12 @@ pub const FAST: &[&str] = &["--initial-backoff", "10ms", "--max-backoff", "40ms"
 
 pub async fn fanout(pool: &[&Replica], extra: &[&str]) -> Fanout {
     let pool_arg = pool.iter().map(|r| r.label()).collect::<Vec<_>>().join(",");
+    let data_dir = temp_dir("outbox");
+    let data_arg = data_dir.to_str().expect("utf-8 temp dir").to_owned();
     let mut args = vec!["fanout", "--listen", "127.0.0.1:0", "--metrics-port", "0", "--backends", &pool_arg];
+    if !extra.contains(&"--data-dir") {
+        args.extend_from_slice(&["--data-dir", &data_arg]);
+    }
     // FAST's flags, unless the test sets them itself.
     for pair in FAST.chunks(2) {
         if !extra.contains(&pair[0]) {
@@ -98,6 +103,15 @@ pub async fn fanout(pool: &[&Replica], extra: &[&str]) -> Fanout {
         let _ = rx.await;
     }));
     Fanout { api: api_addr, metrics: metrics_addr, stop: Some(tx), task: Some(task) }
+}
+
+/// A fresh directory under the system's temp dir, unique to this process and call.
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("fanout-test-{what}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 pub fn client() -> reqwest::Client {

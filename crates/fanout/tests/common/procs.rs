@@ -173,10 +173,16 @@ const START: Duration = Duration::from_secs(20);
 
 /// A `demo-backend` process on `127.0.0.1:0`.
 pub fn demo_backend(name: &str, flaky: bool) -> (Proc, SocketAddr) {
+    demo_backend_on(name, flaky, 0)
+}
+
+/// A `demo-backend` process on `127.0.0.1:port` (0: any free port).
+pub fn demo_backend_on(name: &str, flaky: bool, port: u16) -> (Proc, SocketAddr) {
+    let port = port.to_string();
     let mut p = spawn(
         name,
         &demo_backend_bin(),
-        &["--host", "127.0.0.1", "--port", "0", "--log-format", "json"],
+        &["--host", "127.0.0.1", "--port", &port, "--log-format", "json"],
         &[("SERVER_NAME", name), ("SKIP_SOME_REQUESTS", if flaky { "true" } else { "false" })],
     );
     let fields = p.wait_for_log("demo backend listening", START);
@@ -184,12 +190,19 @@ pub fn demo_backend(name: &str, flaky: bool) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
-/// A `fanout` process on `127.0.0.1:0` with its metrics on port 0; returns (process, api, metrics).
+/// A `fanout` process on `127.0.0.1:0` with its metrics on port 0 and a fresh outbox; returns (process, api,
+/// metrics).
 pub fn fanout(backends: &[SocketAddr], extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+    let data_dir = super::temp_dir("e2e-outbox");
+    fanout_with_outbox(backends, extra, data_dir.to_str().expect("utf-8"))
+}
+
+/// Like [`fanout`], with the outbox in `data_dir` (to restart on the same one).
+pub fn fanout_with_outbox(backends: &[SocketAddr], extra: &[&str], data_dir: &str) -> (Proc, SocketAddr, SocketAddr) {
     let pool = backends.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
     let mut args = vec!["--listen", "127.0.0.1:0", "--metrics-port", "0", "--log-format", "json"];
     args.extend_from_slice(extra);
-    let mut p = spawn("fanout", &fanout_bin(), &args, &[("BACKEND_POOL", &pool)]);
+    let mut p = spawn("fanout", &fanout_bin(), &args, &[("BACKEND_POOL", &pool), ("DATA_DIR", data_dir)]);
     let fields = p.wait_for_log("fanout listening", START);
     let api = fields["api"].as_str().expect("api").parse().expect("addr");
     let metrics = fields["metrics"].as_str().expect("metrics").parse().expect("addr");
