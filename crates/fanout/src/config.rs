@@ -111,10 +111,20 @@ pub struct Config {
     pub ordering_key: String,
 
     /// Directory of the durable outbox (`outbox.redb`): every accepted write is stored there before anything is
-    /// sent, and delivered after a restart if it was not yet. Empty: in memory only (writes pending at a crash or
-    /// restart are lost).
+    /// sent, and delivered after a restart if it was not yet.
     #[arg(long, allow_hyphen_values = true, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// Keep accepted writes in memory only, with no outbox: faster, but writes pending at a crash or restart
+    /// are lost.
+    #[arg(long, env = "NO_OUTBOX", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_outbox: bool,
+
+    /// How long a client's `Idempotency-Key` is remembered: a repeat with the same body gets the original
+    /// answer, with another body `422`.
+    #[arg(long, allow_hyphen_values = true, env = "IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_window: Duration,
 
     /// How many recent deliveries `GET /deliveries/{id}` remembers.
     #[arg(long, allow_hyphen_values = true, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
@@ -229,9 +239,9 @@ impl Config {
         Ok(pool)
     }
 
-    /// The outbox directory, or `None` for in-memory operation (`--data-dir ""`).
+    /// The outbox directory, or `None` for in-memory operation (`--no-outbox`).
     pub fn outbox_dir(&self) -> Option<&std::path::Path> {
-        Some(self.data_dir.as_path()).filter(|p| !p.as_os_str().is_empty())
+        Some(self.data_dir.as_path()).filter(|_| !self.no_outbox)
     }
 
     /// The address of the metrics listener: the IP of `--listen` with `--metrics-port`.

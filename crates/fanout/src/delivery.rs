@@ -31,6 +31,7 @@ use crate::forward::ForwardRequest;
 use crate::metrics::{BackendMetrics, DeadLetterReason, Metrics};
 use crate::ordering::{KeyQueues, Ticket};
 use crate::outbox::{BackendRow, Outbox, StoredDelivery, Unfinished, now_ms};
+use crate::replay::{Check, KeyRecord, Replays, StoredAnswer};
 
 /// Largest backend answer body kept to be passed back to the client; longer ones are dropped (the status and
 /// content type still are passed back) so that a backend cannot make fanout buffer without bound.
@@ -399,6 +400,8 @@ struct Shared {
     closing: AtomicBool,
     /// Where accepted writes are stored before anything is sent; `None` keeps them in memory only.
     outbox: Option<Outbox>,
+    /// Recent client idempotency keys.
+    replays: Replays,
 }
 
 impl Shared {
@@ -420,7 +423,12 @@ impl Dispatcher {
     ///
     /// # Errors
     /// When the HTTP client cannot be built (its TLS-less builder does not fail in practice).
-    pub fn new(settings: DispatchSettings, metrics: Metrics, outbox: Option<Outbox>) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        settings: DispatchSettings,
+        metrics: Metrics,
+        outbox: Option<Outbox>,
+        replays: Replays,
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(settings.pool_idle_timeout)
@@ -450,6 +458,7 @@ impl Dispatcher {
                 enqueue: Mutex::new(()),
                 closing: AtomicBool::new(false),
                 outbox,
+                replays,
             }),
         })
     }
@@ -466,6 +475,7 @@ impl Dispatcher {
         id: Uuid,
         request: ForwardRequest,
         ordering_key: Option<&str>,
+        idempotency: Option<(String, KeyRecord)>,
     ) -> Result<Submitted, SubmitError> {
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
@@ -491,6 +501,7 @@ impl Dispatcher {
             status: status.clone(),
             tickets,
             store: self.shared.outbox.is_some(),
+            idempotency,
         };
         let in_flight = GaugeGuard::new(self.shared.metrics.in_flight().clone());
         tokio::spawn(run_delivery(self.shared.clone(), job, Some(tx), (permit, in_flight)));
@@ -582,6 +593,7 @@ impl Dispatcher {
                 status,
                 tickets,
                 store: false,
+                idempotency: None,
             };
             let shared = self.shared.clone();
             tokio::spawn(async move {
@@ -602,6 +614,24 @@ impl Dispatcher {
         }
         reg.order.push_back(status.id);
         reg.by_id.insert(status.id, status.clone());
+    }
+
+    /// Checks a client's idempotency key, reserving it for `id` when it is new.
+    pub fn check_key(&self, key: &str, body_hash: [u8; 32], id: Uuid) -> Check {
+        self.shared.replays.check(key, body_hash, id.as_u128(), now_ms())
+    }
+
+    /// Releases a key reserved for a write that was refused.
+    pub fn release_key(&self, key: &str, id: Uuid) {
+        self.shared.replays.release(key, id.as_u128());
+    }
+
+    /// Keeps the answer given under a key, for replays (and in the outbox, for replays after a restart).
+    pub fn answered(&self, key: &str, id: Uuid, record: KeyRecord, answer: StoredAnswer) {
+        self.shared.replays.answered(key, id.as_u128(), answer.clone());
+        if let Some(outbox) = &self.shared.outbox {
+            outbox.answer(key, &KeyRecord { answer: Some(answer), ..record });
+        }
     }
 
     /// A recent delivery by id.
@@ -631,10 +661,21 @@ impl Dispatcher {
         let all = u32::try_from(self.shared.settings.max_in_flight).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(grace, self.shared.permits.acquire_many(all)).await;
         self.shared.permits.close();
-        match drained {
+        let pending = match drained {
             Ok(_) => 0,
             Err(_) => self.in_flight(),
+        };
+        if let Some(outbox) = &self.shared.outbox
+            && let Err(err) = outbox.flush().await
+        {
+            tracing::error!(error = %err, "outbox: final flush failed");
         }
+        pending
+    }
+
+    /// True when accepted writes are kept in a durable outbox.
+    pub fn durable(&self) -> bool {
+        self.shared.outbox.is_some()
     }
 }
 
@@ -649,6 +690,8 @@ struct Job {
     tickets: Vec<Option<Ticket>>,
     /// Store it in the outbox before anything is sent (a new write, with an outbox).
     store: bool,
+    /// The client's idempotency key and its record, stored with the write.
+    idempotency: Option<(String, KeyRecord)>,
 }
 
 /// The task of one delivery: the write is stored first (with an outbox), then every pending backend's retry
@@ -660,12 +703,13 @@ async fn run_delivery(
     // Released when the task ends, however it ends.
     _held: (OwnedSemaphorePermit, GaugeGuard),
 ) {
-    let Job { id, seq, ordering_key, request, plan, status, tickets, store } = job;
+    let Job { id, seq, ordering_key, request, plan, status, tickets, store, idempotency } = job;
     let mut reply = reply;
     if store && let Some(outbox) = &shared.outbox {
         let stored = StoredDelivery::from_request(seq, &request, ordering_key);
         let backends = u16::try_from(plan.len()).unwrap_or(u16::MAX);
-        if let Err(err) = outbox.accept(id.as_u128(), &stored, backends).await {
+        let key = idempotency.as_ref().map(|(k, r)| (k.as_str(), r));
+        if let Err(err) = outbox.accept(id.as_u128(), &stored, backends, key).await {
             tracing::error!(delivery_id = %id, error = %err, "write not stored: refused, nothing sent");
             shared.forget(&id);
             if let Some(tx) = reply.take() {
@@ -1027,7 +1071,8 @@ mod tests {
             history: 10,
             pool_idle_timeout: Duration::from_secs(1),
         };
-        Dispatcher::new(settings, Metrics::new(), None).expect("client")
+        Dispatcher::new(settings, Metrics::new(), None, Replays::new(Duration::from_secs(60), Vec::new(), 0))
+            .expect("client")
     }
 
     fn write() -> ForwardRequest {
@@ -1052,7 +1097,7 @@ mod tests {
                 scope.spawn(move || {
                     let _in_runtime = handle.enter();
                     for _ in 0..300 {
-                        d.submit(Uuid::now_v7(), write(), Some("same-user")).expect("accepted");
+                        d.submit(Uuid::now_v7(), write(), Some("same-user"), None).expect("accepted");
                     }
                 });
             }
@@ -1067,14 +1112,14 @@ mod tests {
     async fn once_shutdown_starts_no_write_is_accepted_and_pending_ones_are_counted() {
         let dispatcher = stuck_dispatcher(1, 10);
         let request = write();
-        let _pending = dispatcher.submit(Uuid::now_v7(), request.clone(), None).expect("accepted");
+        let _pending = dispatcher.submit(Uuid::now_v7(), request.clone(), None, None).expect("accepted");
         let closing = tokio::spawn({
             let d = dispatcher.clone();
             async move { d.close(Duration::from_millis(300)).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!dispatcher.ready());
-        assert_eq!(dispatcher.submit(Uuid::now_v7(), request, None).err(), Some(SubmitError::ShuttingDown));
+        assert_eq!(dispatcher.submit(Uuid::now_v7(), request, None, None).err(), Some(SubmitError::ShuttingDown));
         assert_eq!(closing.await.expect("join"), 1, "the delivery to the dead backend is still pending");
     }
 

@@ -11,6 +11,7 @@
 //! - [`delivery`]: one write on its way to every backend; the ack policy's decision; the in-flight bound.
 //! - [`ordering`]: per-user FIFO queues on each backend, so that a user's writes arrive in acceptance order.
 //! - [`outbox`]: the durable store of accepted writes (redb, group commits), read back at start.
+//! - [`replay`]: idempotent client replay by `Idempotency-Key`.
 //! - [`routes`]: the axum routers and the error type clients see.
 //! - [`metrics`]: every metric name and HELP text.
 //!
@@ -24,6 +25,7 @@ pub mod forward;
 pub mod metrics;
 pub mod ordering;
 pub mod outbox;
+pub mod replay;
 pub mod routes;
 
 use std::future::{Future, IntoFuture};
@@ -84,6 +86,12 @@ pub async fn run(
         Some(o) => o.unfinished().map_err(store_error)?,
         None => Vec::new(),
     };
+    let window_ms = u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
+    let keys = match &outbox {
+        Some(o) => o.idempotency_keys(window_ms, outbox::now_ms()).map_err(store_error)?,
+        None => Vec::new(),
+    };
+    let replays = replay::Replays::new(config.idempotency_window, keys, outbox::now_ms());
     let metrics = Metrics::new();
     let dispatcher = Dispatcher::new(
         DispatchSettings {
@@ -102,6 +110,7 @@ pub async fn run(
         },
         metrics.clone(),
         outbox,
+        replays,
     )?;
     let resumed = dispatcher.resume(unfinished);
     if resumed > 0 {
@@ -155,7 +164,9 @@ pub async fn run(
     tracing::info!(in_flight = dispatcher.in_flight(), "shutting down: no new writes accepted");
     let _ = stop_api.send(true);
     let pending = dispatcher.close(config.shutdown_timeout).await;
-    if pending > 0 {
+    if pending > 0 && dispatcher.durable() {
+        tracing::info!(pending, "deliveries still pending stay in the outbox and resume at the next start");
+    } else if pending > 0 {
         tracing::warn!(pending, "deliveries still pending at exit are lost: their backends may miss these writes");
     } else {
         tracing::info!("every delivery in flight finished");

@@ -15,8 +15,9 @@
 //!
 //! Tables:
 //! - `deliveries`: delivery id (u128) -> [`StoredDelivery`] (postcard): order, method, path, headers, body, key.
-//! - `pending`: (delivery id, backend index) -> [`BackendRow`] (postcard): attempts so far, last outcome. A row
-//!   exists while that backend still needs the write.
+//! - `pending`: (delivery id, backend index) -> [`BackendRow`] (postcard): attempts so far, next due time. A
+//!   row exists while that backend still needs the write.
+//! - `idempotency`: client `Idempotency-Key` -> [`KeyRecord`] (postcard), kept for the replay window.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::forward::ForwardRequest;
+use crate::replay::KeyRecord;
 
 /// Operations taken into one write transaction at most.
 pub const MAX_BATCH: usize = 1024;
@@ -37,6 +39,7 @@ const QUEUE: usize = 8192;
 
 const DELIVERIES: TableDefinition<u128, &[u8]> = TableDefinition::new("deliveries");
 const PENDING: TableDefinition<(u128, u16), &[u8]> = TableDefinition::new("pending");
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 
 /// A write as stored: everything needed to deliver it again after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,9 +121,30 @@ impl StoreError {
 }
 
 enum Op {
-    Accept { id: u128, record: Vec<u8>, backends: u16, done: oneshot::Sender<Result<(), StoreError>> },
-    Progress { id: u128, backend: u16, row: BackendRow },
-    Finish { id: u128, backend: u16, last: bool },
+    Accept {
+        id: u128,
+        record: Vec<u8>,
+        backends: u16,
+        key: Option<(String, Vec<u8>)>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Answer {
+        key: String,
+        record: Vec<u8>,
+    },
+    Flush {
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Progress {
+        id: u128,
+        backend: u16,
+        row: BackendRow,
+    },
+    Finish {
+        id: u128,
+        backend: u16,
+        last: bool,
+    },
 }
 
 /// Handle to the outbox. Cheap to clone.
@@ -145,6 +169,7 @@ impl Outbox {
         let txn = db.begin_write().map_err(StoreError::from)?;
         txn.open_table(DELIVERIES).map_err(StoreError::from)?;
         txn.open_table(PENDING).map_err(StoreError::from)?;
+        txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
         txn.commit().map_err(StoreError::from)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -176,11 +201,21 @@ impl Outbox {
     ///
     /// # Errors
     /// When the store fails or its writer is gone; nothing must be sent then.
-    pub async fn accept(&self, id: u128, delivery: &StoredDelivery, backends: u16) -> Result<(), StoreError> {
+    pub async fn accept(
+        &self,
+        id: u128,
+        delivery: &StoredDelivery,
+        backends: u16,
+        key: Option<(&str, &KeyRecord)>,
+    ) -> Result<(), StoreError> {
         let record = postcard::to_allocvec(delivery).map_err(StoreError::from)?;
+        let key = match key {
+            Some((k, r)) => Some((k.to_owned(), postcard::to_allocvec(r).map_err(StoreError::from)?)),
+            None => None,
+        };
         let (done, wait) = oneshot::channel();
         self.ops
-            .send(Op::Accept { id, record, backends, done })
+            .send(Op::Accept { id, record, backends, key, done })
             .await
             .map_err(|_| StoreError("the writer thread is gone".into()))?;
         wait.await.map_err(|_| StoreError("the writer thread is gone".into()))?
@@ -190,6 +225,51 @@ impl Outbox {
     /// (a restart then repeats an attempt or two, which the schedule and `Idempotency-Key` absorb).
     pub fn progress(&self, id: u128, backend: u16, row: BackendRow) {
         let _ = self.ops.try_send(Op::Progress { id, backend, row });
+    }
+
+    /// Makes everything recorded so far durable (one fsync); used at shutdown.
+    ///
+    /// # Errors
+    /// When the store fails or its writer is gone.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.ops.send(Op::Flush { done }).await.map_err(|_| StoreError("the writer thread is gone".into()))?;
+        wait.await.map_err(|_| StoreError("the writer thread is gone".into()))?
+    }
+
+    /// Records the answer given under an idempotency key (not fsynced on its own; advisory like progress).
+    pub fn answer(&self, key: &str, record: &KeyRecord) {
+        if let Ok(record) = postcard::to_allocvec(record) {
+            let _ = self.ops.try_send(Op::Answer { key: key.to_owned(), record });
+        }
+    }
+
+    /// The idempotency records younger than `window_ms`, oldest first; older ones are deleted.
+    ///
+    /// # Errors
+    /// When the store cannot be read or written.
+    pub fn idempotency_keys(&self, window_ms: u64, now: u64) -> Result<Vec<(String, KeyRecord)>, StoreError> {
+        let txn = self.db.begin_write().map_err(StoreError::from)?;
+        let mut keep = Vec::new();
+        {
+            let mut table = txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
+            let mut expired = Vec::new();
+            for row in table.iter().map_err(StoreError::from)? {
+                let (k, v) = row.map_err(StoreError::from)?;
+                let record: KeyRecord = postcard::from_bytes(v.value()).map_err(StoreError::from)?;
+                if now.saturating_sub(record.at_ms) > window_ms {
+                    expired.push(k.value().to_owned());
+                } else {
+                    keep.push((k.value().to_owned(), record));
+                }
+            }
+            for k in expired {
+                table.remove(k.as_str()).map_err(StoreError::from)?;
+            }
+        }
+        txn.commit().map_err(StoreError::from)?;
+        keep.sort_by_key(|(_, r)| r.at_ms);
+        Ok(keep)
     }
 
     /// Records that a backend is done with a delivery (delivered or dead letter); `last` when it was the last
@@ -248,13 +328,13 @@ fn writer(db: &Database, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let durable = batch.iter().any(|op| matches!(op, Op::Accept { .. }));
+        let durable = batch.iter().any(|op| matches!(op, Op::Accept { .. } | Op::Flush { .. }));
         let result = apply(db, &batch, durable);
         if let Err(e) = &result {
             tracing::error!(error = %e, ops = batch.len(), "outbox commit failed");
         }
         for op in batch {
-            if let Op::Accept { done, .. } = op {
+            if let Op::Accept { done, .. } | Op::Flush { done } = op {
                 let _ = done.send(result.clone());
             }
         }
@@ -269,13 +349,23 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(), StoreError> {
     {
         let mut deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
         let mut pending = txn.open_table(PENDING).map_err(StoreError::from)?;
+        let mut keys = txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
         let fresh = postcard::to_allocvec(&BackendRow::default()).map_err(StoreError::from)?;
         for op in batch {
             match op {
-                Op::Accept { id, record, backends, .. } => {
+                Op::Accept { id, record, backends, key, .. } => {
                     deliveries.insert(*id, record.as_slice()).map_err(StoreError::from)?;
                     for b in 0..*backends {
                         pending.insert((*id, b), fresh.as_slice()).map_err(StoreError::from)?;
+                    }
+                    if let Some((k, r)) = key {
+                        keys.insert(k.as_str(), r.as_slice()).map_err(StoreError::from)?;
+                    }
+                }
+                Op::Flush { .. } => {}
+                Op::Answer { key, record } => {
+                    if keys.get(key.as_str()).map_err(StoreError::from)?.is_some() {
+                        keys.insert(key.as_str(), record.as_slice()).map_err(StoreError::from)?;
                     }
                 }
                 Op::Progress { id, backend, row } => {
@@ -325,7 +415,7 @@ mod tests {
         {
             let outbox = Outbox::open(&dir).expect("open");
             for seq in 0..3u64 {
-                outbox.accept(u128::from(seq) + 100, &write(seq), 3).await.expect("accept");
+                outbox.accept(u128::from(seq) + 100, &write(seq), 3, None).await.expect("accept");
             }
             outbox.progress(100, 1, BackendRow { attempts: 4, next_due_ms: 77 });
             outbox.finish(100, 0, false).await;
@@ -333,7 +423,8 @@ mod tests {
             outbox.finish(101, 1, false).await;
             outbox.finish(101, 2, true).await;
             // A durable commit after the non-durable ones makes them durable too.
-            outbox.accept(200, &write(9), 3).await.expect("accept");
+            let key = KeyRecord { delivery_id: 200, body_hash: [1; 32], at_ms: now_ms(), answer: None };
+            outbox.accept(200, &write(9), 3, Some(("client-key", &key))).await.expect("accept");
             outbox.close();
         }
         let outbox = Outbox::open(&dir).expect("reopen");
@@ -343,6 +434,10 @@ mod tests {
         assert_eq!(left[0].pending, [(1, BackendRow { attempts: 4, next_due_ms: 77 }), (2, BackendRow::default())]);
         assert_eq!(left[0].delivery, write(0));
         assert_eq!(outbox.max_seq().expect("read"), Some(9));
+        let keys = outbox.idempotency_keys(60_000, now_ms()).expect("keys");
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].0, "client-key");
+        assert!(outbox.idempotency_keys(0, now_ms() + 10).expect("keys").is_empty(), "expired ones are deleted");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -21,6 +21,8 @@ use crate::config::AckPolicy;
 use crate::delivery::{Answer, Decision, DeliveryStatus, Dispatcher, Reply, SubmitError};
 use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
 use crate::metrics::Metrics;
+use crate::outbox::now_ms;
+use crate::replay::{self, Check, KeyRecord, StoredAnswer};
 
 /// How long a client may take between two pieces of its request body.
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -56,6 +58,9 @@ pub enum ApiError {
     /// The service is shutting down.
     #[error("shutting down; retry on another instance")]
     ShuttingDown,
+    /// The `Idempotency-Key` was used before with another body.
+    #[error("this Idempotency-Key was used with another body; use a new key for a new write")]
+    KeyReused,
     /// The write could not be stored in the outbox; nothing was sent.
     #[error("the write could not be stored; nothing was sent, retry later")]
     StoreUnavailable,
@@ -75,6 +80,7 @@ impl IntoResponse for ApiError {
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnknownDelivery => StatusCode::NOT_FOUND,
+            ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &self {
@@ -185,6 +191,28 @@ async fn write(
     let request_id = forward::client_token(&headers, &X_REQUEST_ID)?;
     let id = Uuid::now_v7();
     let id_text = HeaderValue::from_str(&id.to_string()).map_err(|_| ApiError::Internal)?;
+
+    // A repeat of a keyed write: the original's answer, or 422 for another body; nothing new is delivered.
+    let key = client_key.as_ref().and_then(|k| k.to_str().ok()).map(str::to_owned);
+    let hash = replay::body_hash(&body);
+    let idempotency = match &key {
+        None => None,
+        Some(k) => match state.dispatcher.check_key(k, hash, id) {
+            Check::New => Some((
+                k.clone(),
+                KeyRecord { delivery_id: id.as_u128(), body_hash: hash, at_ms: now_ms(), answer: None },
+            )),
+            Check::Replay(record) => return Ok(replayed(&state, record)),
+            Check::Conflict => return Err(ApiError::KeyReused),
+        },
+    };
+    let refused = |e: ApiError| {
+        if let Some(k) = &key {
+            state.dispatcher.release_key(k, id);
+        }
+        e
+    };
+
     let request = ForwardRequest {
         method,
         path_and_query: uri.path_and_query().map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned()),
@@ -198,41 +226,80 @@ async fn write(
         // delivery holding that slice would pin the whole buffer. Its own exact-size copy costs one memcpy.
         body: Bytes::copy_from_slice(&body),
     };
-    let submitted = state.dispatcher.submit(id, request, ordering_key.as_deref()).map_err(|e| match e {
-        SubmitError::Busy => ApiError::Busy,
-        SubmitError::ShuttingDown => ApiError::ShuttingDown,
-    })?;
+    let submitted =
+        state.dispatcher.submit(id, request, ordering_key.as_deref(), idempotency.clone()).map_err(|e| {
+            refused(match e {
+                SubmitError::Busy => ApiError::Busy,
+                SubmitError::ShuttingDown => ApiError::ShuttingDown,
+            })
+        })?;
     let mut response = match tokio::time::timeout(state.ack_timeout, submitted.reply).await {
-        Ok(Ok(Reply { decision: Decision::Refused })) => return Err(ApiError::StoreUnavailable),
-        Ok(Ok(reply)) => answer(reply.decision, state.dispatcher.ack_policy(), &submitted.status),
-        Ok(Err(_)) => return Err(ApiError::Internal),
-        Err(_) => {
-            let mut r = (StatusCode::ACCEPTED, Json(submitted.status.summary())).into_response();
-            if let Ok(location) = HeaderValue::from_str(&format!("/deliveries/{id}")) {
-                r.headers_mut().insert(header::LOCATION, location);
+        Ok(Ok(Reply { decision: Decision::Refused })) => return Err(refused(ApiError::StoreUnavailable)),
+        Ok(Ok(reply)) => {
+            let answer = answer(reply.decision, state.dispatcher.ack_policy(), &submitted.status);
+            if let Some((k, record)) = idempotency {
+                state.dispatcher.answered(&k, id, record, answer.clone());
             }
-            r
+            stored_response(answer)
         }
+        Ok(Err(_)) => return Err(ApiError::Internal),
+        Err(_) => accepted(&submitted.status.summary(), id),
     };
     response.headers_mut().insert(X_DELIVERY_ID.clone(), id_text);
     Ok(response)
 }
 
-/// The client's answer for a decided delivery (DESIGN 3.6).
-fn answer(decision: Decision, policy: AckPolicy, status: &Arc<DeliveryStatus>) -> Response {
+/// `202 Accepted` with the delivery's summary and `Location: /deliveries/{id}`.
+fn accepted(summary: &crate::delivery::Summary, id: Uuid) -> Response {
+    let mut r = (StatusCode::ACCEPTED, Json(summary)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/deliveries/{id}")) {
+        r.headers_mut().insert(header::LOCATION, location);
+    }
+    r
+}
+
+/// The answer to a repeated keyed write: the original answer when there was one, else the original delivery's
+/// progress (`202`). Marked `Idempotent-Replayed: true`, with the original `X-Delivery-Id`.
+fn replayed(state: &AppState, record: KeyRecord) -> Response {
+    let id = Uuid::from_u128(record.delivery_id);
+    let mut response = match record.answer {
+        Some(answer) => stored_response(answer),
+        None => match state.dispatcher.lookup(&id) {
+            Some(status) => accepted(&status.summary(), id),
+            None => (StatusCode::ACCEPTED, Json(json!({ "delivery_id": id, "state": "accepted" }))).into_response(),
+        },
+    };
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert(X_DELIVERY_ID.clone(), v);
+    }
+    response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}
+
+/// The client's answer for a decided delivery (DESIGN 3.6), in a form that can be kept for replays.
+fn answer(decision: Decision, policy: AckPolicy, status: &Arc<DeliveryStatus>) -> StoredAnswer {
+    let summary = |code: StatusCode| StoredAnswer {
+        status: code.as_u16(),
+        content_type: Some("application/json".to_owned()),
+        body: serde_json::to_vec(&status.summary()).unwrap_or_default(),
+    };
+    let backend = |a: Answer| StoredAnswer {
+        status: a.status.as_u16(),
+        content_type: a.content_type.and_then(|v| v.to_str().ok().map(str::to_owned)),
+        body: a.body.to_vec(),
+    };
     match decision {
-        Decision::Acked { answer } if policy == AckPolicy::First => passed_back(answer),
-        Decision::Acked { .. } => (StatusCode::CREATED, Json(status.summary())).into_response(),
-        Decision::PassBack { answer } => passed_back(answer),
-        Decision::Unmet | Decision::Wait | Decision::Refused => {
-            (StatusCode::BAD_GATEWAY, Json(status.summary())).into_response()
-        }
+        Decision::Acked { answer } if policy == AckPolicy::First => backend(answer),
+        Decision::Acked { .. } => summary(StatusCode::CREATED),
+        Decision::PassBack { answer } => backend(answer),
+        Decision::Unmet | Decision::Wait | Decision::Refused => summary(StatusCode::BAD_GATEWAY),
     }
 }
 
-fn passed_back(answer: Answer) -> Response {
-    let mut response = (answer.status, answer.body).into_response();
-    match answer.content_type {
+fn stored_response(answer: StoredAnswer) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, answer.body).into_response();
+    match answer.content_type.and_then(|ct| HeaderValue::from_str(&ct).ok()) {
         Some(ct) => response.headers_mut().insert(header::CONTENT_TYPE, ct),
         None => response.headers_mut().remove(header::CONTENT_TYPE),
     };

@@ -207,20 +207,33 @@ async fn two_hundred_mixed_writes_with_a_flaky_backend_converge_under_ack_all() 
     mixed_writes_converge("all").await;
 }
 
-#[tokio::test]
-async fn sigterm_drains_deliveries_in_flight_before_exit() {
-    let args = [FAST, &["--shutdown-timeout", "1s"]].concat();
+/// SIGTERM with a delivery pending for a dead backend: fanout drains for --shutdown-timeout, then says where
+/// the pending delivery is (the outbox, or lost when it runs in memory only).
+async fn sigterm_with_a_pending_delivery(data_dir_args: &[&str], expected_log: &str) {
+    let args = [FAST, &["--shutdown-timeout", "1s"], data_dir_args].concat();
     let mut stack = Stack::start(false, &args);
     stack.backends[2].0.kill(); // server3 is down: its deliveries stay pending
     let resp = common::post_form(&stack.url("/register"), "username=drain&password=pw").await;
     assert_eq!(resp.status(), 201);
     let status = stack.fanout.terminate(Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
-    let fields = stack.fanout.wait_for_log(
-        "deliveries still pending at exit are lost: their backends may miss these writes",
-        Duration::from_secs(5),
-    );
+    let fields = stack.fanout.wait_for_log(expected_log, Duration::from_secs(5));
     assert_eq!(fields["pending"], 1);
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_leaves_pending_deliveries_in_the_outbox() {
+    sigterm_with_a_pending_delivery(&[], "deliveries still pending stay in the outbox and resume at the next start")
+        .await;
+}
+
+#[tokio::test]
+async fn sigterm_in_memory_mode_says_pending_deliveries_are_lost() {
+    sigterm_with_a_pending_delivery(
+        &["--no-outbox"],
+        "deliveries still pending at exit are lost: their backends may miss these writes",
+    )
+    .await;
 }
 
 #[tokio::test]

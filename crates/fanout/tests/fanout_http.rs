@@ -439,3 +439,39 @@ async fn oversized_headers_get_431_and_nothing_is_forwarded() {
     }
     lb.stop().await;
 }
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_replays_the_answer_and_delivers_once() {
+    let pool = replicas(3).await;
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &[]).await;
+    let send = |key: &'static str, body: &'static str| {
+        let url = lb.url("/register");
+        async move {
+            common::client()
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("idempotency-key", key)
+                .body(body)
+                .send()
+                .await
+                .expect("post")
+        }
+    };
+    let first = send("order-1", "username=once&password=pw").await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first_id = first.headers()["x-delivery-id"].clone();
+    let first_body = first.text().await.expect("body");
+    let again = send("order-1", "username=once&password=pw").await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["x-delivery-id"], first_id, "the original delivery's id");
+    assert_eq!(again.text().await.expect("body"), first_body, "the original answer");
+
+    let reused = send("order-1", "username=once&password=other").await;
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    eventually(WAIT, "the one write everywhere", || async { pool.iter().all(|r| r.backend.users().count == 1) }).await;
+    for r in &pool {
+        assert_eq!(r.backend.writes_received(), 1, "one delivery, not three");
+    }
+    lb.stop().await;
+}

@@ -81,3 +81,40 @@ fn an_unwritable_data_dir_stops_fanout_at_start_with_one_line() {
     assert!(stderr.contains("--data-dir (DATA_DIR) /proc/no-outbox"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
+
+/// A client that repeats a keyed write after fanout restarted still gets the original answer: the key's record
+/// is stored with the write and reloaded at start.
+#[tokio::test]
+async fn an_idempotency_key_is_recognised_after_a_restart() {
+    let backends = [
+        procs::demo_backend("server1", false),
+        procs::demo_backend("server2", false),
+        procs::demo_backend("server3", false),
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+    let outbox = common::temp_dir("replay-outbox");
+    let outbox = outbox.to_str().expect("utf-8").to_owned();
+    let send = |api: SocketAddr| async move {
+        common::client()
+            .post(format!("http://{api}/register"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("idempotency-key", "restart-key-1")
+            .body("username=replayed&password=pw")
+            .send()
+            .await
+            .expect("post")
+    };
+    let (mut first, api, _) = procs::fanout_with_outbox(&addrs, FAST, &outbox);
+    let original = send(api).await;
+    assert_eq!(original.status(), 201);
+    let id = original.headers()["x-delivery-id"].to_str().expect("id").to_owned();
+    let status = first.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+
+    let (_second, api, _) = procs::fanout_with_outbox(&addrs, FAST, &outbox);
+    let replay = send(api).await;
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.headers()["x-delivery-id"], id.as_str());
+    assert!(users(addrs[0]).await.users.iter().all(|u| u.version == 1));
+}

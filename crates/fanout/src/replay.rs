@@ -1,0 +1,176 @@
+//! Idempotent client replay (IETF draft-ietf-httpapi-idempotency-key-header): a client that repeats a write with
+//! the same `Idempotency-Key` and the same body gets the original delivery's answer and creates no second
+//! delivery; the same key with a different body is refused with `422 Unprocessable Content`.
+//!
+//! Records live for `--idempotency-window` (default 24 h) and at most [`MAX_KEYS`] of them are kept, the oldest
+//! forgotten first. With an outbox they are stored with the write they belong to (same transaction) and reloaded
+//! at start, so a replay after a restart is recognised too.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Most idempotency records kept; past it the oldest are forgotten.
+pub const MAX_KEYS: usize = 100_000;
+
+/// The answer a write got, kept to be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// `Content-Type`, if any.
+    pub content_type: Option<String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// What the store knows of one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// The delivery the key created.
+    pub delivery_id: u128,
+    /// SHA-256 of the body it came with.
+    pub body_hash: [u8; 32],
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The answer the client got, once decided (a `202` is not kept: a replay shows the progress instead).
+    pub answer: Option<StoredAnswer>,
+}
+
+/// What to do with a write that carries a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// First use: the key is now reserved for this delivery.
+    New,
+    /// A repeat with the same body: answer as the original.
+    Replay(KeyRecord),
+    /// The key was used with another body.
+    Conflict,
+}
+
+/// The SHA-256 of a body.
+pub fn body_hash(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
+}
+
+/// The records of recent keys.
+#[derive(Debug)]
+pub struct Replays {
+    window: Duration,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_key: HashMap<String, KeyRecord>,
+    order: VecDeque<(u64, String)>,
+}
+
+impl Replays {
+    /// Records kept for `window`, starting from `loaded` (from the outbox; oldest first).
+    pub fn new(window: Duration, loaded: Vec<(String, KeyRecord)>, now_ms: u64) -> Self {
+        let replays = Self { window, inner: Mutex::new(Inner::default()) };
+        {
+            let mut inner = replays.lock();
+            for (key, record) in loaded {
+                inner.order.push_back((record.at_ms, key.clone()));
+                inner.by_key.insert(key, record);
+            }
+            replays.expire(&mut inner, now_ms);
+        }
+        replays
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn expire(&self, inner: &mut Inner, now_ms: u64) {
+        let window = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+        while let Some((at, key)) = inner.order.front().cloned() {
+            let expired = now_ms.saturating_sub(at) > window;
+            if !expired && inner.order.len() <= MAX_KEYS {
+                break;
+            }
+            inner.order.pop_front();
+            if inner.by_key.get(&key).is_some_and(|r| r.at_ms == at) {
+                inner.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// Checks `key` and, when new, reserves it for `delivery_id` (atomically: of two concurrent first uses,
+    /// one is `New` and the other a `Replay` or `Conflict`).
+    pub fn check(&self, key: &str, body_hash: [u8; 32], delivery_id: u128, now_ms: u64) -> Check {
+        let mut inner = self.lock();
+        self.expire(&mut inner, now_ms);
+        match inner.by_key.get(key) {
+            Some(r) if r.body_hash == body_hash => Check::Replay(r.clone()),
+            Some(_) => Check::Conflict,
+            None => {
+                let record = KeyRecord { delivery_id, body_hash, at_ms: now_ms, answer: None };
+                inner.order.push_back((now_ms, key.to_owned()));
+                inner.by_key.insert(key.to_owned(), record);
+                Check::New
+            }
+        }
+    }
+
+    /// Releases a reservation whose write was refused (nothing was delivered under it).
+    pub fn release(&self, key: &str, delivery_id: u128) {
+        let mut inner = self.lock();
+        if inner.by_key.get(key).is_some_and(|r| r.delivery_id == delivery_id) {
+            inner.by_key.remove(key);
+        }
+    }
+
+    /// Keeps the answer given to the first use of `key`.
+    pub fn answered(&self, key: &str, delivery_id: u128, answer: StoredAnswer) {
+        let mut inner = self.lock();
+        if let Some(r) = inner.by_key.get_mut(key)
+            && r.delivery_id == delivery_id
+        {
+            r.answer = Some(answer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_key_same_body_replays_other_body_conflicts() {
+        let r = Replays::new(Duration::from_secs(60), Vec::new(), 1_000);
+        let h = body_hash(b"username=a&password=b");
+        assert_eq!(r.check("k", h, 7, 1_000), Check::New);
+        let Check::Replay(rec) = r.check("k", h, 8, 1_001) else { panic!("replay expected") };
+        assert_eq!(rec.delivery_id, 7);
+        assert_eq!(rec.answer, None);
+        r.answered("k", 7, StoredAnswer { status: 201, content_type: None, body: b"ok".to_vec() });
+        let Check::Replay(rec) = r.check("k", h, 9, 1_002) else { panic!("replay expected") };
+        assert_eq!(rec.answer.map(|a| a.status), Some(201));
+        assert_eq!(r.check("k", body_hash(b"other"), 10, 1_003), Check::Conflict);
+    }
+
+    #[test]
+    fn records_expire_after_the_window_and_refused_writes_release_their_key() {
+        let r = Replays::new(Duration::from_secs(1), Vec::new(), 0);
+        let h = body_hash(b"x");
+        assert_eq!(r.check("k", h, 1, 0), Check::New);
+        assert_eq!(r.check("k", body_hash(b"y"), 2, 2_000), Check::New, "expired: the key is free again");
+        r.release("k", 2);
+        assert_eq!(r.check("k", h, 3, 2_001), Check::New);
+    }
+
+    #[test]
+    fn loaded_records_are_recognised() {
+        let h = body_hash(b"x");
+        let rec = KeyRecord { delivery_id: 5, body_hash: h, at_ms: 10, answer: None };
+        let r = Replays::new(Duration::from_secs(60), vec![("k".into(), rec)], 20);
+        assert!(matches!(r.check("k", h, 6, 30), Check::Replay(KeyRecord { delivery_id: 5, .. })));
+    }
+}
