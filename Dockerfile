@@ -32,13 +32,18 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends curl ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 app \
-    && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app
+    && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app \
+    && mkdir -p /data && chown 10001:10001 /data
 USER 10001:10001
 
 FROM runtime AS fanout
 COPY --from=builder /usr/local/bin/fanout /usr/local/bin/fanout
+# The durable outbox lives in /data (made in the runtime stage, owned by the unprivileged user; a volume in
+# docker-compose.yml).
+VOLUME ["/data"]
 ENV LISTEN_ADDR=0.0.0.0:8080 \
-    METRICS_PORT=8000
+    METRICS_PORT=8000 \
+    DATA_DIR=/data
 EXPOSE 8080 8000
 HEALTHCHECK --interval=5s --timeout=2s --start-period=5s --retries=3 \
     CMD ["sh", "-c", "curl -fsS \"http://127.0.0.1:${LISTEN_ADDR##*:}/healthz\" || exit 1"]

@@ -8,6 +8,8 @@ Scenarios (all driven by the same wrk, same threads, connections and duration):
   fanout              POST /register straight to fanout, --ack first
   nginx-fanout-first  POST /register through nginx to fanout, --ack first
   nginx-fanout-all    POST /register through nginx to fanout, --ack all
+  nginx-fanout-durable  as nginx-fanout-first, with the durable outbox (every write fsynced, in groups, before it
+                      is sent); the other fanout scenarios run with --no-outbox
 
 The scenarios alternate (A B C ... A B C ...) for --rounds rounds, each run preceded by a short warm-up that is not
 counted. The report gives, per scenario, the median over rounds and the spread (min-max) of requests/s, the median
@@ -34,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 RESULTS = ROOT / "bench" / "results"
-SCENARIOS = ["direct", "nginx-proxy", "nginx-mirror", "fanout", "nginx-fanout-first", "nginx-fanout-all"]
+SCENARIOS = ["direct", "nginx-proxy", "nginx-mirror", "fanout", "nginx-fanout-first", "nginx-fanout-all",
+             "nginx-fanout-durable"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -76,17 +79,19 @@ class Stack:
             wait_http(f"http://127.0.0.1:{port}/healthz", p, f"server{i}")
             self.backends.append(f"127.0.0.1:{port}")
         self.fanout = {}
-        for ack in ("first", "all"):
+        for name, ack, durable in (("first", "first", False), ("all", "all", False), ("durable", "first", True)):
             api, metrics = free_port(), free_port()
             env = {"BACKEND_POOL": ",".join(self.backends), "LISTEN_ADDR": f"127.0.0.1:{api}",
-                   "METRICS_PORT": str(metrics), "ACK_POLICY": ack, "RUST_LOG": "info"}
-            p = self.spawn(f"fanout-{ack}", [str(BIN / "fanout")], env)
-            wait_http(f"http://127.0.0.1:{api}/healthz", p, f"fanout-{ack}")
-            self.fanout[ack] = {"proc": p, "api": f"127.0.0.1:{api}", "metrics": f"127.0.0.1:{metrics}"}
+                   "METRICS_PORT": str(metrics), "ACK_POLICY": ack, "RUST_LOG": "info",
+                   "DATA_DIR": str(workdir / f"outbox-{name}"), "NO_OUTBOX": "false" if durable else "true"}
+            p = self.spawn(f"fanout-{name}", [str(BIN / "fanout")], env)
+            wait_http(f"http://127.0.0.1:{api}/healthz", p, f"fanout-{name}")
+            self.fanout[name] = {"proc": p, "api": f"127.0.0.1:{api}", "metrics": f"127.0.0.1:{metrics}"}
         self.nginx = {}
         for name, template, lb in (
             ("first", None, self.fanout["first"]),
             ("all", None, self.fanout["all"]),
+            ("durable", None, self.fanout["durable"]),
             ("mirror", ROOT / "bench" / "nginx-mirror.conf.template", None),
         ):
             port = free_port()
@@ -135,6 +140,7 @@ class Stack:
             "fanout": (f"http://{self.fanout['first']['api']}/register", "POST", self.fanout["first"]),
             "nginx-fanout-first": (f"http://{self.nginx['first']}/register", "POST", self.fanout["first"]),
             "nginx-fanout-all": (f"http://{self.nginx['all']}/register", "POST", self.fanout["all"]),
+            "nginx-fanout-durable": (f"http://{self.nginx['durable']}/register", "POST", self.fanout["durable"]),
         }[scenario]
 
     def close(self) -> None:
@@ -252,13 +258,16 @@ def report(summary: dict, args, started: str) -> str:
             f'| {name} | {s["rps_median"]:.0f} | {s["rps_min"]:.0f}-{s["rps_max"]:.0f} | {s["p50_ms"]:.2f} '
             f'| {s["p90_ms"]:.2f} | {s["p99_ms"]:.2f} | {s["non2xx"] + s["socket_errors"]} | {rss} | {cpu} |'
         )
-    nf, nm, fo, di = (summary[k] for k in ("nginx-fanout-first", "nginx-mirror", "fanout", "direct"))
+    nf, nm, fo, di, nd = (summary[k] for k in ("nginx-fanout-first", "nginx-mirror", "fanout", "direct",
+                                                 "nginx-fanout-durable"))
     lines += [
         "",
         f'nginx-fanout-first / nginx-mirror: throughput {nf["rps_median"] / nm["rps_median"]:.2f}x, '
         f'p99 {nf["p99_ms"] / nm["p99_ms"]:.2f}x',
         f'fanout / direct: throughput {fo["rps_median"] / di["rps_median"]:.2f}x, '
         f'p99 {fo["p99_ms"] / di["p99_ms"]:.2f}x',
+        f'nginx-fanout-durable / nginx-fanout-first (outbox / in memory): throughput '
+        f'{nd["rps_median"] / nf["rps_median"]:.2f}x, p99 {nd["p99_ms"] / nf["p99_ms"]:.2f}x',
     ]
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,7 @@ RSS before and after, RSS growth per pending delivery, the RSS when the bound wa
 past the bound), the 201 and 503 counts; then server3 comes back on its port and the report gives the seconds to
 drain (fanout_deliveries_in_flight = 0) and whether the three backends hold the same users.
 
-fanout runs with RUST_LOG=warn (a retry line per attempt would be the largest cost otherwise) and a 4 s backoff
+fanout runs with its durable outbox (a fresh one per N), RUST_LOG=warn (a retry line per attempt would be the largest cost otherwise) and a 4 s backoff
 cap (so that the drain after the backend returns is measured in seconds, not in minutes of the 64 s default).
 Standard library only; needs the release binaries (make bench-memory builds them).
 """
@@ -124,7 +124,8 @@ def run_case(n: int, args, workdir: Path) -> dict:
         api, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         env = {"BACKEND_POOL": ",".join(f"127.0.0.1:{p}" for p in ports), "LISTEN_ADDR": api,
                "METRICS_PORT": metrics.split(":")[1], "MAX_IN_FLIGHT": str(args.max_in_flight),
-               "INITIAL_BACKOFF": "500ms", "MAX_BACKOFF": "4s", "RUST_LOG": "warn"}
+               "INITIAL_BACKOFF": "500ms", "MAX_BACKOFF": "4s", "RUST_LOG": "warn",
+               "DATA_DIR": str(workdir / f"outbox-{n}")}
         fanout = spawn("fanout", [os.environ.get("FANOUT_BIN", str(BIN / "fanout"))], env)
         wait_http(f"http://{api}/healthz")
         servers[2].kill()

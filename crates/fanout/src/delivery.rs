@@ -269,6 +269,9 @@ pub struct BackendProgress {
     /// Why it became a dead letter.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// When the next attempt is due (RFC 3339), while waiting in backoff.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
 }
 
 /// The JSON summary of a delivery (`quorum`/`all` answers, `502`, `202`, `GET /deliveries/{id}`).
@@ -540,6 +543,7 @@ impl Dispatcher {
                 attempts: p.map_or(0, |r| r.attempts),
                 outcome: None,
                 reason: None,
+                next_attempt_at: None,
             })
             .collect();
         let status = Arc::new(DeliveryStatus { id, accepted_at, backends: Mutex::new(progress) });
@@ -808,9 +812,12 @@ async fn deliver_to(
             p.attempts = n;
             p.status = r.answer.as_ref().map(|a| a.status.as_u16());
             p.outcome = Some(r.outcome.as_str());
+            p.next_attempt_at = None;
         },
         |n, wait, outcome| {
             record(n, wait);
+            status.lock()[index].next_attempt_at =
+                Some(humantime::format_rfc3339_millis(SystemTime::now() + wait).to_string());
             backend.metrics.retry();
             tracing::info!(
                 backend = %backend.addr,

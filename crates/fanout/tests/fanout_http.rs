@@ -124,6 +124,7 @@ async fn past_the_ack_timeout_the_client_gets_202_and_the_delivery_goes_on() {
     let summary: Value = resp.json().await.expect("json");
     assert_eq!(summary["state"], "pending");
     assert_eq!(summary["delivery_id"], id.as_str());
+    assert!(summary["backends"][2]["next_attempt_at"].is_string(), "{summary}");
 
     let status_url = lb.url(&format!("/deliveries/{id}"));
     eventually(WAIT, "delivery finished", || async {

@@ -118,3 +118,65 @@ async fn an_idempotency_key_is_recognised_after_a_restart() {
     assert_eq!(replay.headers()["x-delivery-id"], id.as_str());
     assert!(users(addrs[0]).await.users.iter().all(|u| u.version == 1));
 }
+
+/// A small tmpfs, unmounted (lazily) on drop: a real file system that really fills up.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = common::temp_dir("small-disk");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.to_str().expect("utf-8")])
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "this test mounts a small tmpfs to fill a disk for real: it needs root");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// When the outbox cannot store a write (here: its disk is full), the client gets 503 and no backend gets the
+/// write; fanout keeps running.
+#[tokio::test]
+async fn a_write_that_cannot_be_stored_gets_503_and_is_sent_nowhere() {
+    let disk = SmallDisk::mount("1m");
+    let backends = [
+        procs::demo_backend("server1", false),
+        procs::demo_backend("server2", false),
+        procs::demo_backend("server3", false),
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+    let (_fanout, api, _) = procs::fanout_with_outbox(&addrs, FAST, disk.0.to_str().expect("utf-8"));
+    // With server3 down, every accepted write stays in the outbox, until the disk is full.
+    let mut backends = backends;
+    backends[2].0.kill();
+    let filler = "x".repeat(60 * 1024);
+    let mut refused = None;
+    for i in 0..100 {
+        let resp =
+            common::post_form(&format!("http://{api}/register"), &format!("username=fill{i}&password={filler}")).await;
+        match resp.status().as_u16() {
+            201 => continue,
+            503 => {
+                let body: serde_json::Value = resp.json().await.expect("json error");
+                assert!(body["error"].as_str().expect("message").contains("could not be stored"), "{body}");
+                refused = Some(format!("fill{i}"));
+                break;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let refused = refused.expect("the 1 MiB disk filled up within 100 writes of 60 KiB");
+    for addr in &addrs[..2] {
+        assert!(users(*addr).await.users.iter().all(|u| u.username != refused), "{refused} reached {addr}");
+    }
+    let health = reqwest::get(format!("http://{api}/healthz")).await.expect("still up");
+    assert_eq!(health.status(), 200);
+}
