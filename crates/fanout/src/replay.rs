@@ -32,7 +32,7 @@ pub struct StoredAnswer {
 pub struct KeyRecord {
     /// The delivery the key created.
     pub delivery_id: u128,
-    /// SHA-256 of the body it came with.
+    /// [`request_hash`] of the write it came with.
     pub body_hash: [u8; 32],
     /// When, milliseconds since the Unix epoch.
     pub at_ms: u64,
@@ -51,9 +51,17 @@ pub enum Check {
     Conflict,
 }
 
-/// The SHA-256 of a body.
-pub fn body_hash(body: &[u8]) -> [u8; 32] {
-    Sha256::digest(body).into()
+/// The fingerprint of a write for replays: SHA-256 over its method, path and body, so that a key reused on
+/// another route is a conflict, not a replay of the first route's answer.
+pub fn request_hash(method: &str, path_and_query: &str, body: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(method.as_bytes())
+        .chain_update([0])
+        .chain_update(path_and_query.as_bytes())
+        .chain_update([0])
+        .chain_update(body)
+        .finalize()
+        .into()
 }
 
 /// The records of recent keys.
@@ -145,7 +153,7 @@ mod tests {
     #[test]
     fn same_key_same_body_replays_other_body_conflicts() {
         let r = Replays::new(Duration::from_secs(60), Vec::new(), 1_000);
-        let h = body_hash(b"username=a&password=b");
+        let h = request_hash("POST", "/register", b"username=a&password=b");
         assert_eq!(r.check("k", h, 7, 1_000), Check::New);
         let Check::Replay(rec) = r.check("k", h, 8, 1_001) else { panic!("replay expected") };
         assert_eq!(rec.delivery_id, 7);
@@ -153,22 +161,25 @@ mod tests {
         r.answered("k", 7, StoredAnswer { status: 201, content_type: None, body: b"ok".to_vec() });
         let Check::Replay(rec) = r.check("k", h, 9, 1_002) else { panic!("replay expected") };
         assert_eq!(rec.answer.map(|a| a.status), Some(201));
-        assert_eq!(r.check("k", body_hash(b"other"), 10, 1_003), Check::Conflict);
+        assert_eq!(r.check("k", request_hash("POST", "/register", b"other"), 10, 1_003), Check::Conflict);
+        let same_body_other_route = request_hash("POST", "/changePassword", b"username=a&password=b");
+        assert_eq!(r.check("k", same_body_other_route, 11, 1_004), Check::Conflict);
     }
 
     #[test]
     fn records_expire_after_the_window_and_refused_writes_release_their_key() {
         let r = Replays::new(Duration::from_secs(1), Vec::new(), 0);
-        let h = body_hash(b"x");
+        let h = request_hash("POST", "/register", b"x");
         assert_eq!(r.check("k", h, 1, 0), Check::New);
-        assert_eq!(r.check("k", body_hash(b"y"), 2, 2_000), Check::New, "expired: the key is free again");
+        let other = request_hash("POST", "/register", b"y");
+        assert_eq!(r.check("k", other, 2, 2_000), Check::New, "expired: the key is free again");
         r.release("k", 2);
         assert_eq!(r.check("k", h, 3, 2_001), Check::New);
     }
 
     #[test]
     fn loaded_records_are_recognised() {
-        let h = body_hash(b"x");
+        let h = request_hash("POST", "/register", b"x");
         let rec = KeyRecord { delivery_id: 5, body_hash: h, at_ms: 10, answer: None };
         let r = Replays::new(Duration::from_secs(60), vec![("k".into(), rec)], 20);
         assert!(matches!(r.check("k", h, 6, 30), Check::Replay(KeyRecord { delivery_id: 5, .. })));

@@ -194,7 +194,8 @@ async fn write(
 
     // A repeat of a keyed write: the original's answer, or 422 for another body; nothing new is delivered.
     let key = client_key.as_ref().and_then(|k| k.to_str().ok()).map(str::to_owned);
-    let hash = replay::body_hash(&body);
+    let path_and_query = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    let hash = replay::request_hash(method.as_str(), &path_and_query, &body);
     let idempotency = match &key {
         None => None,
         Some(k) => match state.dispatcher.check_key(k, hash, id) {
@@ -215,7 +216,7 @@ async fn write(
 
     let request = ForwardRequest {
         method,
-        path_and_query: uri.path_and_query().map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+        path_and_query,
         headers: forward::forwarded_headers(
             &headers,
             client_key.unwrap_or_else(|| id_text.clone()),

@@ -470,6 +470,15 @@ async fn a_repeated_idempotency_key_replays_the_answer_and_delivers_once() {
 
     let reused = send("order-1", "username=once&password=other").await;
     assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let other_route = common::client()
+        .post(lb.url("/changePassword"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("idempotency-key", "order-1")
+        .body("username=once&password=pw")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(other_route.status(), StatusCode::UNPROCESSABLE_ENTITY, "a key reused on another route");
     eventually(WAIT, "the one write everywhere", || async { pool.iter().all(|r| r.backend.users().count == 1) }).await;
     for r in &pool {
         assert_eq!(r.backend.writes_received(), 1, "one delivery, not three");
