@@ -505,6 +505,7 @@ impl Dispatcher {
             tickets,
             store: self.shared.outbox.is_some(),
             idempotency,
+            rows: (0..self.shared.backends.len()).map(|i| u16::try_from(i).unwrap_or(u16::MAX)).collect(),
         };
         let in_flight = GaugeGuard::new(self.shared.metrics.in_flight().clone());
         tokio::spawn(run_delivery(self.shared.clone(), job, Some(tx), (permit, in_flight)));
@@ -560,13 +561,31 @@ impl Dispatcher {
             self.shared.next_seq.fetch_max(max + 1, Ordering::Relaxed);
         }
         let now = now_ms();
+        let mut jobs = Vec::with_capacity(count);
         for u in unfinished {
             let id = Uuid::from_u128(u.id);
             let mut plan = vec![None; self.shared.backends.len()];
-            for (backend, row) in &u.pending {
-                if let Some(slot) = plan.get_mut(usize::from(*backend)) {
-                    let wait = Duration::from_millis(row.next_due_ms.saturating_sub(now));
-                    *slot = Some(Resume { attempts: row.attempts, wait });
+            let mut rows = vec![u16::MAX; self.shared.backends.len()];
+            for (stored_index, row) in &u.pending {
+                // Pending rows name a backend by its place in the pool at acceptance; find it in today's pool.
+                let label = u.delivery.backends.get(usize::from(*stored_index));
+                let here = label.and_then(|l| self.shared.backends.iter().position(|b| b.addr.label() == l));
+                match here {
+                    Some(i) => {
+                        let wait = Duration::from_millis(row.next_due_ms.saturating_sub(now));
+                        plan[i] = Some(Resume { attempts: row.attempts, wait });
+                        rows[i] = *stored_index;
+                    }
+                    None => {
+                        tracing::error!(
+                            delivery_id = %id,
+                            backend = label.map_or("?", String::as_str),
+                            "dead letter: this backend is no longer in --backends and will not get this write"
+                        );
+                        if let Some(outbox) = &self.shared.outbox {
+                            outbox.drop_pending(u.id, *stored_index);
+                        }
+                    }
                 }
             }
             let Some(request) = u.delivery.to_request() else {
@@ -574,39 +593,64 @@ impl Dispatcher {
                 continue;
             };
             let seq = u.delivery.seq;
-            let tickets = {
-                let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
-                self.shared
-                    .backends
-                    .iter()
-                    .zip(&plan)
-                    .map(|(b, p)| match (&u.delivery.ordering_key, p) {
-                        (Some(key), Some(_)) => Some(b.order.enqueue(key, seq)),
-                        _ => None,
-                    })
-                    .collect()
-            };
+            let ordering_key = u.delivery.ordering_key.clone();
+            let (_, tickets) = self.take_places_at(seq, ordering_key.as_deref(), &plan);
             let accepted_at = std::time::UNIX_EPOCH + Duration::from_millis(u.delivery.accepted_at_ms);
             let status = self.track(id, accepted_at, &plan);
+            let pending_here = plan.iter().filter(|p| p.is_some()).count();
             let job = Job {
                 id,
                 seq,
-                ordering_key: u.delivery.ordering_key.clone(),
+                ordering_key,
                 request: Arc::new(request),
                 plan,
                 status,
                 tickets,
                 store: false,
                 idempotency: None,
+                rows,
             };
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
+            if pending_here == 0 {
+                // Every backend that needed it left the pool: the delivery is over.
+                if let Some(outbox) = &self.shared.outbox {
+                    outbox.drop_delivery(u.id);
+                }
+                continue;
+            }
+            jobs.push(job);
+        }
+        // In-flight permits are taken in acceptance order, one after the other: a later delivery never holds a
+        // permit while an earlier one of the same user waits for one (which would stall both for good).
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            for job in jobs {
                 let Ok(permit) = shared.permits.clone().acquire_owned().await else { return };
                 let in_flight = GaugeGuard::new(shared.metrics.in_flight().clone());
-                run_delivery(shared, job, None, (permit, in_flight)).await;
-            });
-        }
+                tokio::spawn(run_delivery(shared.clone(), job, None, (permit, in_flight)));
+            }
+        });
         count
+    }
+
+    /// Like [`Dispatcher::take_places`] with a known acceptance order (a delivery resumed from the outbox).
+    fn take_places_at(
+        &self,
+        seq: u64,
+        ordering_key: Option<&str>,
+        plan: &[Option<Resume>],
+    ) -> (u64, Vec<Option<Ticket>>) {
+        let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
+        let tickets = self
+            .shared
+            .backends
+            .iter()
+            .zip(plan)
+            .map(|(b, p)| match (ordering_key, p) {
+                (Some(key), Some(_)) => Some(b.order.enqueue(key, seq)),
+                _ => None,
+            })
+            .collect();
+        (seq, tickets)
     }
 
     fn remember(&self, status: &Arc<DeliveryStatus>) {
@@ -650,7 +694,9 @@ impl Dispatcher {
 
     /// True while new writes can be accepted (not shutting down, below the in-flight bound).
     pub fn ready(&self) -> bool {
-        !self.shared.closing.load(Ordering::Acquire) && self.shared.permits.available_permits() > 0
+        !self.shared.closing.load(Ordering::Acquire)
+            && self.shared.permits.available_permits() > 0
+            && self.shared.outbox.as_ref().is_none_or(Outbox::healthy)
     }
 
     /// The ack policy.
@@ -677,6 +723,11 @@ impl Dispatcher {
         pending
     }
 
+    /// The outbox, if any.
+    pub fn outbox(&self) -> Option<Outbox> {
+        self.shared.outbox.clone()
+    }
+
     /// True when accepted writes are kept in a durable outbox.
     pub fn durable(&self) -> bool {
         self.shared.outbox.is_some()
@@ -696,6 +747,8 @@ struct Job {
     store: bool,
     /// The client's idempotency key and its record, stored with the write.
     idempotency: Option<(String, KeyRecord)>,
+    /// For each backend of today's pool, the index its outbox row has (its place in the pool at acceptance).
+    rows: Vec<u16>,
 }
 
 /// The task of one delivery: the write is stored first (with an outbox), then every pending backend's retry
@@ -707,10 +760,11 @@ async fn run_delivery(
     // Released when the task ends, however it ends.
     _held: (OwnedSemaphorePermit, GaugeGuard),
 ) {
-    let Job { id, seq, ordering_key, request, plan, status, tickets, store, idempotency } = job;
+    let Job { id, seq, ordering_key, request, plan, status, tickets, store, idempotency, rows } = job;
     let mut reply = reply;
     if store && let Some(outbox) = &shared.outbox {
-        let stored = StoredDelivery::from_request(seq, &request, ordering_key);
+        let labels = shared.backends.iter().map(|b| b.addr.label().to_owned()).collect();
+        let stored = StoredDelivery::from_request(seq, &request, ordering_key, labels);
         let backends = u16::try_from(plan.len()).unwrap_or(u16::MAX);
         let key = idempotency.as_ref().map(|(k, r)| (k.as_str(), r));
         if let Err(err) = outbox.accept(id.as_u128(), &stored, backends, key).await {
@@ -721,6 +775,10 @@ async fn run_delivery(
             }
             return;
         }
+    }
+    // Stored (or nothing to store): repeats of its idempotency key are replays from now on.
+    if let Some((key, _)) = &idempotency {
+        shared.replays.confirm(key, id.as_u128());
     }
     // The tally (and the answers it holds) lives only until the client is answered.
     let mut tally = reply.as_ref().map(|_| Tally::new(shared.settings.ack, shared.backends.len()));
@@ -734,13 +792,14 @@ async fn run_delivery(
             let shared = &shared;
             let request = &request;
             let status = &status;
-            async move { (index, deliver_to(shared, index, request, status, resume, ticket).await) }
+            let row = rows[index];
+            async move { (index, deliver_to(shared, index, row, request, status, resume, ticket).await) }
         })
         .collect();
     while let Some((index, result)) = loops.next().await {
         remaining -= 1;
         if let Some(outbox) = &shared.outbox {
-            outbox.finish(id.as_u128(), u16::try_from(index).unwrap_or(u16::MAX), remaining == 0).await;
+            outbox.finish(id.as_u128(), rows[index], remaining == 0).await;
         }
         if let Some(t) = tally.as_mut() {
             t.record(index, result);
@@ -777,6 +836,7 @@ impl Drop for GaugeGuard {
 async fn deliver_to(
     shared: &Shared,
     index: usize,
+    row: u16,
     request: &ForwardRequest,
     status: &DeliveryStatus,
     resume: Resume,
@@ -792,11 +852,7 @@ async fn deliver_to(
     let record = |attempts: u32, wait: Duration| {
         if let Some(outbox) = &shared.outbox {
             let next_due_ms = if wait.is_zero() { 0 } else { now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0) };
-            outbox.progress(
-                status.id.as_u128(),
-                u16::try_from(index).unwrap_or(u16::MAX),
-                BackendRow { attempts, next_due_ms },
-            );
+            outbox.progress(status.id.as_u128(), row, BackendRow { attempts, next_due_ms });
         }
     };
     let result = retry_loop(

@@ -81,14 +81,21 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let pool = config.validate()?;
     let store_error = |error| RunError::Store { dir: config.data_dir.display().to_string(), error };
+    if config.no_outbox && config.data_dir.join("outbox.redb").exists() {
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "--no-outbox: writes left in this outbox by an earlier run are NOT delivered now; start without \
+             --no-outbox to deliver them"
+        );
+    }
     let outbox = config.outbox_dir().map(outbox::Outbox::open).transpose().map_err(store_error)?;
     let unfinished = match &outbox {
-        Some(o) => o.unfinished().map_err(store_error)?,
+        Some(o) => o.unfinished().await.map_err(store_error)?,
         None => Vec::new(),
     };
     let window_ms = u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
     let keys = match &outbox {
-        Some(o) => o.idempotency_keys(window_ms, outbox::now_ms()).map_err(store_error)?,
+        Some(o) => o.idempotency_keys(window_ms, outbox::now_ms()).await.map_err(store_error)?,
         None => Vec::new(),
     };
     let replays = replay::Replays::new(config.idempotency_window, keys, outbox::now_ms());
@@ -150,11 +157,19 @@ pub async fn run(
     );
     let upkeep = tokio::spawn({
         let metrics = metrics.clone();
+        let outbox = dispatcher.outbox();
         async move {
-            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n: u64 = 0;
             loop {
                 tick.tick().await;
-                metrics.run_upkeep();
+                n += 1;
+                if let Some(o) = &outbox {
+                    o.tick(window_ms);
+                }
+                if n.is_multiple_of(UPKEEP_INTERVAL.as_secs()) {
+                    metrics.run_upkeep();
+                }
             }
         }
     });

@@ -21,6 +21,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -58,11 +59,19 @@ pub struct StoredDelivery {
     pub body: Vec<u8>,
     /// The per-user ordering key, if any.
     pub ordering_key: Option<String>,
+    /// The backend pool when it was accepted, as written in `--backends`: the `pending` rows' backend indexes
+    /// point into this list, so a restart with the pool reordered or shrunk still knows who needs the write.
+    pub backends: Vec<String>,
 }
 
 impl StoredDelivery {
     /// The record of `request`, accepted now with acceptance order `seq`.
-    pub fn from_request(seq: u64, request: &ForwardRequest, ordering_key: Option<String>) -> Self {
+    pub fn from_request(
+        seq: u64,
+        request: &ForwardRequest,
+        ordering_key: Option<String>,
+        backends: Vec<String>,
+    ) -> Self {
         StoredDelivery {
             seq,
             accepted_at_ms: now_ms(),
@@ -71,6 +80,7 @@ impl StoredDelivery {
             headers: request.headers.iter().map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())).collect(),
             body: request.body.to_vec(),
             ordering_key,
+            backends,
         }
     }
 
@@ -135,6 +145,17 @@ enum Op {
     Flush {
         done: oneshot::Sender<Result<(), StoreError>>,
     },
+    Unfinished {
+        done: oneshot::Sender<Result<Vec<Unfinished>, StoreError>>,
+    },
+    Keys {
+        window_ms: u64,
+        now: u64,
+        done: oneshot::Sender<Result<Vec<(String, KeyRecord)>, StoreError>>,
+    },
+    Tick {
+        window_ms: u64,
+    },
     Progress {
         id: u128,
         backend: u16,
@@ -151,9 +172,9 @@ enum Op {
 #[derive(Clone)]
 pub struct Outbox {
     ops: mpsc::Sender<Op>,
-    db: Arc<Database>,
     path: PathBuf,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    healthy: Arc<AtomicBool>,
 }
 
 impl Outbox {
@@ -171,14 +192,26 @@ impl Outbox {
         txn.open_table(PENDING).map_err(StoreError::from)?;
         txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
         txn.commit().map_err(StoreError::from)?;
-        let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(QUEUE);
-        let writer_db = db.clone();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer_state =
+            Writer { db: Some(db), path: path.clone(), healthy: healthy.clone(), dirty: false, ticks: 0 };
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer(&writer_db, rx))
+            .spawn(move || writer_state.run(rx))
             .map_err(StoreError::from)?;
-        Ok(Self { ops: tx, db, path, writer: Arc::new(std::sync::Mutex::new(Some(handle))) })
+        Ok(Self { ops: tx, path, writer: Arc::new(std::sync::Mutex::new(Some(handle))), healthy })
+    }
+
+    /// False after a failed commit, until one succeeds again (readiness reports it).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Once a second: makes recent progress durable when there was any, and (every minute) deletes expired
+    /// idempotency records, so that neither waits for the next write.
+    pub fn tick(&self, window_ms: u64) {
+        let _ = self.ops.try_send(Op::Tick { window_ms });
     }
 
     /// Waits until every operation sent so far is committed, and closes the file. Call on the last handle: the
@@ -186,7 +219,6 @@ impl Outbox {
     pub fn close(self) {
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         drop(self.ops);
-        drop(self.db);
         if let Some(handle) = writer {
             let _ = handle.join();
         }
@@ -244,32 +276,14 @@ impl Outbox {
         }
     }
 
-    /// The idempotency records younger than `window_ms`, oldest first; older ones are deleted.
-    ///
-    /// # Errors
-    /// When the store cannot be read or written.
-    pub fn idempotency_keys(&self, window_ms: u64, now: u64) -> Result<Vec<(String, KeyRecord)>, StoreError> {
-        let txn = self.db.begin_write().map_err(StoreError::from)?;
-        let mut keep = Vec::new();
-        {
-            let mut table = txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
-            let mut expired = Vec::new();
-            for row in table.iter().map_err(StoreError::from)? {
-                let (k, v) = row.map_err(StoreError::from)?;
-                let record: KeyRecord = postcard::from_bytes(v.value()).map_err(StoreError::from)?;
-                if now.saturating_sub(record.at_ms) > window_ms {
-                    expired.push(k.value().to_owned());
-                } else {
-                    keep.push((k.value().to_owned(), record));
-                }
-            }
-            for k in expired {
-                table.remove(k.as_str()).map_err(StoreError::from)?;
-            }
-        }
-        txn.commit().map_err(StoreError::from)?;
-        keep.sort_by_key(|(_, r)| r.at_ms);
-        Ok(keep)
+    /// Removes one backend's pending row without waiting (a backend that left the pool).
+    pub fn drop_pending(&self, id: u128, backend: u16) {
+        let _ = self.ops.try_send(Op::Finish { id, backend, last: false });
+    }
+
+    /// Removes a delivery that no backend of the pool needs any more.
+    pub fn drop_delivery(&self, id: u128) {
+        let _ = self.ops.try_send(Op::Finish { id, backend: u16::MAX, last: true });
     }
 
     /// Records that a backend is done with a delivery (delivered or dead letter); `last` when it was the last
@@ -282,35 +296,80 @@ impl Outbox {
     ///
     /// # Errors
     /// When the store cannot be read, or a record does not decode.
-    pub fn unfinished(&self) -> Result<Vec<Unfinished>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::from)?;
-        let deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
-        let pending = txn.open_table(PENDING).map_err(StoreError::from)?;
-        let mut out = Vec::new();
-        for entry in deliveries.iter().map_err(StoreError::from)? {
-            let (id, record) = entry.map_err(StoreError::from)?;
-            let id = id.value();
-            let delivery: StoredDelivery = postcard::from_bytes(record.value()).map_err(StoreError::from)?;
-            let mut rows = Vec::new();
-            for row in pending.range((id, 0)..=(id, u16::MAX)).map_err(StoreError::from)? {
-                let (key, value) = row.map_err(StoreError::from)?;
-                rows.push((key.value().1, postcard::from_bytes(value.value()).map_err(StoreError::from)?));
-            }
-            if !rows.is_empty() {
-                out.push(Unfinished { id, delivery, pending: rows });
-            }
-        }
-        out.sort_by_key(|u| u.delivery.seq);
-        Ok(out)
+    pub async fn unfinished(&self) -> Result<Vec<Unfinished>, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.ops.send(Op::Unfinished { done }).await.map_err(|_| gone())?;
+        wait.await.map_err(|_| gone())?
     }
 
     /// The highest acceptance order stored, so that a restarted fanout continues after it.
     ///
     /// # Errors
     /// When the store cannot be read.
-    pub fn max_seq(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.unfinished()?.last().map(|u| u.delivery.seq))
+    pub async fn max_seq(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.unfinished().await?.last().map(|u| u.delivery.seq))
     }
+
+    /// The idempotency records younger than `window_ms`, oldest first; older ones are deleted.
+    ///
+    /// # Errors
+    /// When the store cannot be read or written.
+    pub async fn idempotency_keys(&self, window_ms: u64, now: u64) -> Result<Vec<(String, KeyRecord)>, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.ops.send(Op::Keys { window_ms, now, done }).await.map_err(|_| gone())?;
+        wait.await.map_err(|_| gone())?
+    }
+}
+
+fn gone() -> StoreError {
+    StoreError("the writer thread is gone".into())
+}
+
+fn read_unfinished(db: &Database) -> Result<Vec<Unfinished>, StoreError> {
+    let txn = db.begin_read().map_err(StoreError::from)?;
+    let deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
+    let pending = txn.open_table(PENDING).map_err(StoreError::from)?;
+    let mut out = Vec::new();
+    for entry in deliveries.iter().map_err(StoreError::from)? {
+        let (id, record) = entry.map_err(StoreError::from)?;
+        let id = id.value();
+        let delivery: StoredDelivery = postcard::from_bytes(record.value()).map_err(StoreError::from)?;
+        let mut rows = Vec::new();
+        for row in pending.range((id, 0)..=(id, u16::MAX)).map_err(StoreError::from)? {
+            let (key, value) = row.map_err(StoreError::from)?;
+            rows.push((key.value().1, postcard::from_bytes(value.value()).map_err(StoreError::from)?));
+        }
+        if !rows.is_empty() {
+            out.push(Unfinished { id, delivery, pending: rows });
+        }
+    }
+    out.sort_by_key(|u| u.delivery.seq);
+    Ok(out)
+}
+
+/// Deletes the idempotency records older than `window_ms`; returns the others, oldest first.
+fn prune_keys(db: &Database, window_ms: u64, now: u64) -> Result<Vec<(String, KeyRecord)>, StoreError> {
+    let txn = db.begin_write().map_err(StoreError::from)?;
+    let mut keep = Vec::new();
+    {
+        let mut table = txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
+        let mut expired = Vec::new();
+        for row in table.iter().map_err(StoreError::from)? {
+            let (k, v) = row.map_err(StoreError::from)?;
+            let record: KeyRecord = postcard::from_bytes(v.value()).map_err(StoreError::from)?;
+            if now.saturating_sub(record.at_ms) > window_ms {
+                expired.push(k.value().to_owned());
+            } else {
+                keep.push((k.value().to_owned(), record));
+            }
+        }
+        for k in expired {
+            table.remove(k.as_str()).map_err(StoreError::from)?;
+        }
+    }
+    txn.commit().map_err(StoreError::from)?;
+    keep.sort_by_key(|(_, r)| r.at_ms);
+    Ok(keep)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -318,22 +377,92 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The writer thread: one transaction per batch of waiting operations.
-fn writer(db: &Database, mut rx: mpsc::Receiver<Op>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+/// The writer thread's state: it alone holds the database, so that it can close and reopen it after an I/O
+/// error (redb refuses every transaction after one until then).
+struct Writer {
+    db: Option<Database>,
+    path: PathBuf,
+    healthy: Arc<AtomicBool>,
+    /// A commit without fsync happened since the last one with.
+    dirty: bool,
+    ticks: u64,
+}
+
+impl Writer {
+    /// One transaction per batch of waiting operations.
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.handle(batch);
+        }
+    }
+
+    /// The database, reopened if a failure closed it.
+    fn db(&mut self) -> Result<&Database, StoreError> {
+        if self.db.is_none() {
+            self.db = Some(Database::create(&self.path).map_err(StoreError::from)?);
+            tracing::info!(path = %self.path.display(), "outbox reopened");
+        }
+        self.db.as_ref().ok_or_else(gone)
+    }
+
+    fn failed(&mut self, e: &StoreError) {
+        tracing::error!(error = %e, "outbox failure: the database is closed and will be reopened");
+        self.healthy.store(false, Ordering::Relaxed);
+        self.db = None;
+    }
+
+    fn handle(&mut self, batch: Vec<Op>) {
+        let mut writes = Vec::with_capacity(batch.len());
+        for op in batch {
+            match op {
+                Op::Unfinished { done } => {
+                    let r = self.db().and_then(read_unfinished);
+                    let _ = done.send(r);
+                }
+                Op::Keys { window_ms, now, done } => {
+                    let r = self.db().and_then(|db| prune_keys(db, window_ms, now));
+                    if let Err(e) = &r {
+                        self.failed(e);
+                    }
+                    let _ = done.send(r);
+                }
+                Op::Tick { window_ms } => {
+                    self.ticks += 1;
+                    if self.ticks.is_multiple_of(60) {
+                        let r = self.db().and_then(|db| prune_keys(db, window_ms, now_ms()));
+                        if let Err(e) = &r {
+                            self.failed(e);
+                        }
+                    }
+                    if self.dirty {
+                        // An empty commit with fsync makes every earlier commit without it durable.
+                        let (done, _) = oneshot::channel();
+                        writes.push(Op::Flush { done });
+                    }
+                }
+                other => writes.push(other),
             }
         }
-        let durable = batch.iter().any(|op| matches!(op, Op::Accept { .. } | Op::Flush { .. }));
-        let result = apply(db, &batch, durable);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, ops = batch.len(), "outbox commit failed");
+        if writes.is_empty() {
+            return;
         }
-        for op in batch {
+        let durable = writes.iter().any(|op| matches!(op, Op::Accept { .. } | Op::Flush { .. }));
+        let result = self.db().and_then(|db| apply(db, &writes, durable));
+        match &result {
+            Ok(()) => {
+                self.healthy.store(true, Ordering::Relaxed);
+                self.dirty = !durable;
+            }
+            Err(e) => self.failed(e),
+        }
+        for op in writes {
             if let Op::Accept { done, .. } | Op::Flush { done } = op {
                 let _ = done.send(result.clone());
             }
@@ -362,7 +491,7 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(), StoreError> {
                         keys.insert(k.as_str(), r.as_slice()).map_err(StoreError::from)?;
                     }
                 }
-                Op::Flush { .. } => {}
+                Op::Flush { .. } | Op::Unfinished { .. } | Op::Keys { .. } | Op::Tick { .. } => {}
                 Op::Answer { key, record } => {
                     if keys.get(key.as_str()).map_err(StoreError::from)?.is_some() {
                         keys.insert(key.as_str(), record.as_slice()).map_err(StoreError::from)?;
@@ -406,6 +535,7 @@ mod tests {
             headers: vec![("content-type".into(), b"application/x-www-form-urlencoded".to_vec())],
             body: format!("username=u{seq}&password=p").into_bytes(),
             ordering_key: Some(format!("u{seq}")),
+            backends: vec!["a:1".into(), "b:1".into(), "c:1".into()],
         }
     }
 
@@ -428,16 +558,16 @@ mod tests {
             outbox.close();
         }
         let outbox = Outbox::open(&dir).expect("reopen");
-        let left = outbox.unfinished().expect("read");
+        let left = outbox.unfinished().await.expect("read");
         let ids: Vec<u128> = left.iter().map(|u| u.id).collect();
         assert_eq!(ids, [100, 102, 200], "in acceptance order, the finished one gone");
         assert_eq!(left[0].pending, [(1, BackendRow { attempts: 4, next_due_ms: 77 }), (2, BackendRow::default())]);
         assert_eq!(left[0].delivery, write(0));
-        assert_eq!(outbox.max_seq().expect("read"), Some(9));
-        let keys = outbox.idempotency_keys(60_000, now_ms()).expect("keys");
+        assert_eq!(outbox.max_seq().await.expect("read"), Some(9));
+        let keys = outbox.idempotency_keys(60_000, now_ms()).await.expect("keys");
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].0, "client-key");
-        assert!(outbox.idempotency_keys(0, now_ms() + 10).expect("keys").is_empty(), "expired ones are deleted");
+        assert!(outbox.idempotency_keys(0, now_ms() + 10).await.expect("keys").is_empty(), "expired ones are deleted");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -47,6 +47,9 @@ pub enum Check {
     New,
     /// A repeat with the same body: answer as the original.
     Replay(KeyRecord),
+    /// A repeat while the first use is not yet stored: its fate is unknown, so the client must retry later
+    /// (`409`, as the IETF draft has it for concurrent requests).
+    InProgress,
     /// The key was used with another body.
     Conflict,
 }
@@ -73,7 +76,8 @@ pub struct Replays {
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_key: HashMap<String, KeyRecord>,
+    /// Each key's record, and whether its write is stored (confirmed).
+    by_key: HashMap<String, (KeyRecord, bool)>,
     order: VecDeque<(u64, String)>,
 }
 
@@ -85,7 +89,7 @@ impl Replays {
             let mut inner = replays.lock();
             for (key, record) in loaded {
                 inner.order.push_back((record.at_ms, key.clone()));
-                inner.by_key.insert(key, record);
+                inner.by_key.insert(key, (record, true));
             }
             replays.expire(&mut inner, now_ms);
         }
@@ -104,7 +108,7 @@ impl Replays {
                 break;
             }
             inner.order.pop_front();
-            if inner.by_key.get(&key).is_some_and(|r| r.at_ms == at) {
+            if inner.by_key.get(&key).is_some_and(|(r, _)| r.at_ms == at) {
                 inner.by_key.remove(&key);
             }
         }
@@ -116,21 +120,32 @@ impl Replays {
         let mut inner = self.lock();
         self.expire(&mut inner, now_ms);
         match inner.by_key.get(key) {
-            Some(r) if r.body_hash == body_hash => Check::Replay(r.clone()),
+            Some((r, true)) if r.body_hash == body_hash => Check::Replay(r.clone()),
+            Some((r, false)) if r.body_hash == body_hash => Check::InProgress,
             Some(_) => Check::Conflict,
             None => {
                 let record = KeyRecord { delivery_id, body_hash, at_ms: now_ms, answer: None };
                 inner.order.push_back((now_ms, key.to_owned()));
-                inner.by_key.insert(key.to_owned(), record);
+                inner.by_key.insert(key.to_owned(), (record, false));
                 Check::New
             }
+        }
+    }
+
+    /// Marks the write reserved under `key` as stored: from now on repeats are replays.
+    pub fn confirm(&self, key: &str, delivery_id: u128) {
+        let mut inner = self.lock();
+        if let Some((r, confirmed)) = inner.by_key.get_mut(key)
+            && r.delivery_id == delivery_id
+        {
+            *confirmed = true;
         }
     }
 
     /// Releases a reservation whose write was refused (nothing was delivered under it).
     pub fn release(&self, key: &str, delivery_id: u128) {
         let mut inner = self.lock();
-        if inner.by_key.get(key).is_some_and(|r| r.delivery_id == delivery_id) {
+        if inner.by_key.get(key).is_some_and(|(r, _)| r.delivery_id == delivery_id) {
             inner.by_key.remove(key);
         }
     }
@@ -138,7 +153,7 @@ impl Replays {
     /// Keeps the answer given to the first use of `key`.
     pub fn answered(&self, key: &str, delivery_id: u128, answer: StoredAnswer) {
         let mut inner = self.lock();
-        if let Some(r) = inner.by_key.get_mut(key)
+        if let Some((r, _)) = inner.by_key.get_mut(key)
             && r.delivery_id == delivery_id
         {
             r.answer = Some(answer);
@@ -155,6 +170,8 @@ mod tests {
         let r = Replays::new(Duration::from_secs(60), Vec::new(), 1_000);
         let h = request_hash("POST", "/register", b"username=a&password=b");
         assert_eq!(r.check("k", h, 7, 1_000), Check::New);
+        assert_eq!(r.check("k", h, 8, 1_000), Check::InProgress, "not stored yet: its fate is unknown");
+        r.confirm("k", 7);
         let Check::Replay(rec) = r.check("k", h, 8, 1_001) else { panic!("replay expected") };
         assert_eq!(rec.delivery_id, 7);
         assert_eq!(rec.answer, None);

@@ -61,6 +61,9 @@ pub enum ApiError {
     /// The `Idempotency-Key` was used before with another body.
     #[error("this Idempotency-Key was used with another body; use a new key for a new write")]
     KeyReused,
+    /// A request with the same `Idempotency-Key` is being accepted right now.
+    #[error("a request with this Idempotency-Key is in progress; retry later")]
+    KeyInProgress,
     /// The write could not be stored in the outbox; nothing was sent.
     #[error("the write could not be stored; nothing was sent, retry later")]
     StoreUnavailable,
@@ -81,6 +84,7 @@ impl IntoResponse for ApiError {
             ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnknownDelivery => StatusCode::NOT_FOUND,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::KeyInProgress => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &self {
@@ -90,7 +94,10 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut response = (status, Json(json!({ "error": message }))).into_response();
-        if matches!(self, ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable) {
+        if matches!(
+            self,
+            ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable | ApiError::KeyInProgress
+        ) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
@@ -205,6 +212,7 @@ async fn write(
             )),
             Check::Replay(record) => return Ok(replayed(&state, record)),
             Check::Conflict => return Err(ApiError::KeyReused),
+            Check::InProgress => return Err(ApiError::KeyInProgress),
         },
     };
     let refused = |e: ApiError| {
