@@ -10,8 +10,13 @@
 //! One writer thread owns every write transaction and **groups commits**: it takes every operation waiting in its
 //! queue (up to [`MAX_BATCH`]) into one transaction, so that many concurrent writes share one fsync. Acceptances
 //! are committed durably and their senders are answered only then; progress and completion records are
-//! committed without fsync (redb's `Durability::None`), so they reach the disk with the next durable commit:
-//! after a crash, a backend's delivery may be attempted again, which the `Idempotency-Key` makes harmless.
+//! committed without fsync (redb's `Durability::None`), so they reach the disk with the next durable commit, or
+//! within a second (the service's tick asks for an empty durable commit when there are any): after a crash, a
+//! backend's delivery may be attempted again, which the `Idempotency-Key` makes harmless.
+//!
+//! The writer thread alone holds the database: after a failed commit (a full disk, an I/O error) redb refuses
+//! every transaction until the database is reopened, so the writer closes it and reopens it for the next batch.
+//! Expired idempotency records are deleted at start and then every minute.
 //!
 //! Tables:
 //! - `deliveries`: delivery id (u128) -> [`StoredDelivery`] (postcard): order, method, path, headers, body, key.
