@@ -492,7 +492,7 @@ impl Dispatcher {
             Err(tokio::sync::TryAcquireError::Closed) => return Err(SubmitError::ShuttingDown),
         };
         let plan = vec![Some(Resume::default()); self.shared.backends.len()];
-        let (seq, tickets) = self.take_places(ordering_key, &plan);
+        let (seq, tickets) = self.take_places(None, ordering_key, &plan);
         let status = self.track(id, SystemTime::now(), &plan);
         let (tx, rx) = oneshot::channel();
         let job = Job {
@@ -513,10 +513,15 @@ impl Dispatcher {
     }
 
     /// Takes this delivery's places in the per-user queues of the backends in `plan`, all at once (see
-    /// [`crate::ordering`]), and its acceptance order.
-    fn take_places(&self, ordering_key: Option<&str>, plan: &[Option<Resume>]) -> (u64, Vec<Option<Ticket>>) {
+    /// [`crate::ordering`]), with its acceptance order: `seq`, or the next one when `None`.
+    fn take_places(
+        &self,
+        seq: Option<u64>,
+        ordering_key: Option<&str>,
+        plan: &[Option<Resume>],
+    ) -> (u64, Vec<Option<Ticket>>) {
         let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let seq = seq.unwrap_or_else(|| self.shared.next_seq.fetch_add(1, Ordering::Relaxed));
         let tickets = self
             .shared
             .backends
@@ -594,7 +599,7 @@ impl Dispatcher {
             };
             let seq = u.delivery.seq;
             let ordering_key = u.delivery.ordering_key.clone();
-            let (_, tickets) = self.take_places_at(seq, ordering_key.as_deref(), &plan);
+            let (_, tickets) = self.take_places(Some(seq), ordering_key.as_deref(), &plan);
             let accepted_at = std::time::UNIX_EPOCH + Duration::from_millis(u.delivery.accepted_at_ms);
             let status = self.track(id, accepted_at, &plan);
             let pending_here = plan.iter().filter(|p| p.is_some()).count();
@@ -630,27 +635,6 @@ impl Dispatcher {
             }
         });
         count
-    }
-
-    /// Like [`Dispatcher::take_places`] with a known acceptance order (a delivery resumed from the outbox).
-    fn take_places_at(
-        &self,
-        seq: u64,
-        ordering_key: Option<&str>,
-        plan: &[Option<Resume>],
-    ) -> (u64, Vec<Option<Ticket>>) {
-        let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
-        let tickets = self
-            .shared
-            .backends
-            .iter()
-            .zip(plan)
-            .map(|(b, p)| match (ordering_key, p) {
-                (Some(key), Some(_)) => Some(b.order.enqueue(key, seq)),
-                _ => None,
-            })
-            .collect();
-        (seq, tickets)
     }
 
     fn remember(&self, status: &Arc<DeliveryStatus>) {
