@@ -177,7 +177,6 @@ enum Op {
 #[derive(Clone)]
 pub struct Outbox {
     ops: mpsc::Sender<Op>,
-    path: PathBuf,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     healthy: Arc<AtomicBool>,
 }
@@ -205,7 +204,7 @@ impl Outbox {
             .name("outbox-writer".into())
             .spawn(move || writer_state.run(rx))
             .map_err(StoreError::from)?;
-        Ok(Self { ops: tx, path, writer: Arc::new(std::sync::Mutex::new(Some(handle))), healthy })
+        Ok(Self { ops: tx, writer: Arc::new(std::sync::Mutex::new(Some(handle))), healthy })
     }
 
     /// False after a failed commit, until one succeeds again (readiness reports it).
@@ -227,11 +226,6 @@ impl Outbox {
         if let Some(handle) = writer {
             let _ = handle.join();
         }
-    }
-
-    /// The file of the store.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Stores a new delivery for `backends` backends (all pending), durably: resolves once it is on disk.
@@ -305,14 +299,6 @@ impl Outbox {
         let (done, wait) = oneshot::channel();
         self.ops.send(Op::Unfinished { done }).await.map_err(|_| gone())?;
         wait.await.map_err(|_| gone())?
-    }
-
-    /// The highest acceptance order stored, so that a restarted fanout continues after it.
-    ///
-    /// # Errors
-    /// When the store cannot be read.
-    pub async fn max_seq(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.unfinished().await?.last().map(|u| u.delivery.seq))
     }
 
     /// The idempotency records younger than `window_ms`, oldest first; older ones are deleted.
@@ -568,7 +554,7 @@ mod tests {
         assert_eq!(ids, [100, 102, 200], "in acceptance order, the finished one gone");
         assert_eq!(left[0].pending, [(1, BackendRow { attempts: 4, next_due_ms: 77 }), (2, BackendRow::default())]);
         assert_eq!(left[0].delivery, write(0));
-        assert_eq!(outbox.max_seq().await.expect("read"), Some(9));
+        assert_eq!(left.last().map(|u| u.delivery.seq), Some(9));
         let keys = outbox.idempotency_keys(60_000, now_ms()).await.expect("keys");
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].0, "client-key");
