@@ -43,8 +43,8 @@ pub struct KeyRecord {
 /// What to do with a write that carries a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
-    /// First use: the key is now reserved for this delivery.
-    New,
+    /// First use: the key is now reserved for this delivery, with this record.
+    New(KeyRecord),
     /// A repeat with the same body: answer as the original.
     Replay(KeyRecord),
     /// A repeat while the first use is not yet stored: its fate is unknown, so the client must retry later
@@ -126,8 +126,8 @@ impl Replays {
             None => {
                 let record = KeyRecord { delivery_id, body_hash, at_ms: now_ms, answer: None };
                 inner.order.push_back((now_ms, key.to_owned()));
-                inner.by_key.insert(key.to_owned(), (record, false));
-                Check::New
+                inner.by_key.insert(key.to_owned(), (record.clone(), false));
+                Check::New(record)
             }
         }
     }
@@ -169,7 +169,7 @@ mod tests {
     fn same_key_same_body_replays_other_body_conflicts() {
         let r = Replays::new(Duration::from_secs(60), Vec::new(), 1_000);
         let h = request_hash("POST", "/register", b"username=a&password=b");
-        assert_eq!(r.check("k", h, 7, 1_000), Check::New);
+        assert!(matches!(r.check("k", h, 7, 1_000), Check::New(_)));
         assert_eq!(r.check("k", h, 8, 1_000), Check::InProgress, "not stored yet: its fate is unknown");
         r.confirm("k", 7);
         let Check::Replay(rec) = r.check("k", h, 8, 1_001) else { panic!("replay expected") };
@@ -187,11 +187,11 @@ mod tests {
     fn records_expire_after_the_window_and_refused_writes_release_their_key() {
         let r = Replays::new(Duration::from_secs(1), Vec::new(), 0);
         let h = request_hash("POST", "/register", b"x");
-        assert_eq!(r.check("k", h, 1, 0), Check::New);
+        assert!(matches!(r.check("k", h, 1, 0), Check::New(_)));
         let other = request_hash("POST", "/register", b"y");
-        assert_eq!(r.check("k", other, 2, 2_000), Check::New, "expired: the key is free again");
+        assert!(matches!(r.check("k", other, 2, 2_000), Check::New(_)), "expired: the key is free again");
         r.release("k", 2);
-        assert_eq!(r.check("k", h, 3, 2_001), Check::New);
+        assert!(matches!(r.check("k", h, 3, 2_001), Check::New(_)));
     }
 
     #[test]

@@ -21,7 +21,6 @@ use crate::config::AckPolicy;
 use crate::delivery::{Answer, Decision, DeliveryStatus, Dispatcher, Reply, SubmitError};
 use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
 use crate::metrics::Metrics;
-use crate::outbox::now_ms;
 use crate::replay::{self, Check, KeyRecord, StoredAnswer};
 
 /// How long a client may take between two pieces of its request body.
@@ -202,18 +201,16 @@ async fn write(
     // A repeat of a keyed write: the original's answer, or 422 for another body; nothing new is delivered.
     let key = client_key.as_ref().and_then(|k| k.to_str().ok()).map(str::to_owned);
     let path_and_query = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned());
-    let hash = replay::request_hash(method.as_str(), &path_and_query, &body);
     let idempotency = match &key {
         None => None,
-        Some(k) => match state.dispatcher.check_key(k, hash, id) {
-            Check::New => Some((
-                k.clone(),
-                KeyRecord { delivery_id: id.as_u128(), body_hash: hash, at_ms: now_ms(), answer: None },
-            )),
-            Check::Replay(record) => return Ok(replayed(&state, record)),
-            Check::Conflict => return Err(ApiError::KeyReused),
-            Check::InProgress => return Err(ApiError::KeyInProgress),
-        },
+        Some(k) => {
+            match state.dispatcher.check_key(k, replay::request_hash(method.as_str(), &path_and_query, &body), id) {
+                Check::New(record) => Some((k.clone(), record)),
+                Check::Replay(record) => return Ok(replayed(&state, record)),
+                Check::Conflict => return Err(ApiError::KeyReused),
+                Check::InProgress => return Err(ApiError::KeyInProgress),
+            }
+        }
     };
     let refused = |e: ApiError| {
         if let Some(k) = &key {
