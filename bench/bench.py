@@ -33,6 +33,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchlib import free_port, wait_http
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 RESULTS = ROOT / "bench" / "results"
@@ -41,23 +43,6 @@ SCENARIOS = ["direct", "nginx-proxy", "nginx-mirror", "fanout", "nginx-fanout-fi
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"bench: {what} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"bench: {what} did not answer {url} within {timeout} s")
 
 
 class Stack:
@@ -104,10 +89,9 @@ class Stack:
             subprocess.run(args, env=env, check=True)
             p = self.spawn(f"nginx-{name}", [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
                                              "-e", str(prefix / "logs" / "error.log")], {})
-            probe = "/nginx_status" if lb else "/nonexistent"
             if lb:
-                wait_http(f"http://127.0.0.1:{port}{probe}", p, f"nginx-{name}")
-            else:
+                wait_http(f"http://127.0.0.1:{port}/nginx_status", p, f"nginx-{name}")
+            else:  # the mirror config has no status page: its port opening is enough
                 self.wait_port(port, p, f"nginx-{name}")
             self.nginx[name] = f"127.0.0.1:{port}"
 

@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,26 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchlib import free_port, wait_http
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 RESULTS = ROOT / "bench" / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"bench-memory: {url} did not answer within {timeout} s")
 
 
 def rss_kib(pid: int) -> int:
