@@ -11,6 +11,27 @@ use common::{eventually, sample};
 
 const FAST: &[&str] = &["--initial-backoff", "50ms", "--max-backoff", "300ms", "--max-jitter", "10ms"];
 
+/// Three demo backends on free ports, and their addresses.
+fn three_backends() -> ([(procs::Proc, SocketAddr); 3], Vec<SocketAddr>) {
+    let backends = [
+        procs::demo_backend("server1", false),
+        procs::demo_backend("server2", false),
+        procs::demo_backend("server3", false),
+    ];
+    let addrs = backends.iter().map(|(_, a)| *a).collect();
+    (backends, addrs)
+}
+
+/// Waits until the fanout with this metrics address has no delivery in flight.
+async fn drained(metrics: SocketAddr, within: Duration, what: &str) {
+    let metrics_url = format!("http://{metrics}/metrics");
+    eventually(within, what, || async {
+        let text = reqwest::get(&metrics_url).await.expect("scrape").text().await.expect("text");
+        sample(&text, "fanout_deliveries_in_flight") == Some(0.0)
+    })
+    .await;
+}
+
 async fn users(addr: SocketAddr) -> demo_backend::UsersView {
     let text = reqwest::get(format!("http://{addr}/users")).await.expect("users").text().await.expect("text");
     serde_json::from_str(&text).expect("json")
@@ -21,12 +42,7 @@ async fn users(addr: SocketAddr) -> demo_backend::UsersView {
 /// applied once (version 1: a write re-sent after the crash is absorbed by its Idempotency-Key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_pending_at_a_crash_are_delivered_after_a_restart() {
-    let mut backends = [
-        procs::demo_backend("server1", false),
-        procs::demo_backend("server2", false),
-        procs::demo_backend("server3", false),
-    ];
-    let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+    let (mut backends, addrs) = three_backends();
     let outbox = common::temp_dir("restart-outbox");
     let outbox = outbox.to_str().expect("utf-8").to_owned();
     let (mut first, api, _) = procs::fanout_with_outbox(&addrs, FAST, &outbox);
@@ -56,12 +72,7 @@ async fn writes_pending_at_a_crash_are_delivered_after_a_restart() {
 
     let (_second, _, metrics) = procs::fanout_with_outbox(&addrs, FAST, &outbox);
     backends[2] = procs::demo_backend_on("server3", false, addrs[2].port());
-    let metrics_url = format!("http://{metrics}/metrics");
-    eventually(Duration::from_secs(60), "the resumed deliveries drained", || async {
-        let text = reqwest::get(&metrics_url).await.expect("scrape").text().await.expect("text");
-        sample(&text, "fanout_deliveries_in_flight") == Some(0.0)
-    })
-    .await;
+    drained(metrics, Duration::from_secs(60), "the resumed deliveries drained").await;
     let views = [users(addrs[0]).await.users, users(addrs[1]).await.users, users(addrs[2]).await.users];
     assert_eq!(views[2].len(), 1000, "server3 got every write accepted while it was down");
     assert_eq!(views[0], views[1]);
@@ -86,12 +97,7 @@ fn an_unwritable_data_dir_stops_fanout_at_start_with_one_line() {
 /// is stored with the write and reloaded at start.
 #[tokio::test]
 async fn an_idempotency_key_is_recognised_after_a_restart() {
-    let backends = [
-        procs::demo_backend("server1", false),
-        procs::demo_backend("server2", false),
-        procs::demo_backend("server3", false),
-    ];
-    let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+    let (_backends, addrs) = three_backends(); // kept alive until the end
     let outbox = common::temp_dir("replay-outbox");
     let outbox = outbox.to_str().expect("utf-8").to_owned();
     let send = |api: SocketAddr| async move {
@@ -147,12 +153,7 @@ impl Drop for SmallDisk {
 #[tokio::test]
 async fn a_write_that_cannot_be_stored_gets_503_and_is_sent_nowhere() {
     let disk = SmallDisk::mount("1m");
-    let backends = [
-        procs::demo_backend("server1", false),
-        procs::demo_backend("server2", false),
-        procs::demo_backend("server3", false),
-    ];
-    let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+    let (backends, addrs) = three_backends();
     let (_fanout, api, _) = procs::fanout_with_outbox(&addrs, FAST, disk.0.to_str().expect("utf-8"));
     // With server3 down, every accepted write stays in the outbox, until the disk is full.
     let mut backends = backends;
@@ -210,12 +211,7 @@ async fn write_all(api: SocketAddr, forms: Vec<(String, String)>) {
 /// with the pool reordered sent writes to the wrong backends (and lost them for the right one).
 #[tokio::test]
 async fn a_restart_with_the_pool_reordered_still_delivers_to_the_right_backend() {
-    let mut backends = [
-        procs::demo_backend("server1", false),
-        procs::demo_backend("server2", false),
-        procs::demo_backend("server3", false),
-    ];
-    let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+    let (mut backends, addrs) = three_backends();
     let outbox = common::temp_dir("reorder-outbox");
     let outbox = outbox.to_str().expect("utf-8").to_owned();
     let (mut first, api, _) = procs::fanout_with_outbox(&addrs, FAST, &outbox);
@@ -225,12 +221,7 @@ async fn a_restart_with_the_pool_reordered_still_delivers_to_the_right_backend()
     backends[2] = procs::demo_backend_on("server3", false, addrs[2].port());
     let reordered = [addrs[2], addrs[0], addrs[1]];
     let (_second, _, metrics) = procs::fanout_with_outbox(&reordered, FAST, &outbox);
-    let metrics_url = format!("http://{metrics}/metrics");
-    eventually(Duration::from_secs(30), "drained", || async {
-        let text = reqwest::get(&metrics_url).await.expect("scrape").text().await.expect("text");
-        sample(&text, "fanout_deliveries_in_flight") == Some(0.0)
-    })
-    .await;
+    drained(metrics, Duration::from_secs(30), "drained").await;
     assert_eq!(users(addrs[2]).await.count, 5, "server3 got all five, wherever it stands in --backends");
 }
 
@@ -238,12 +229,7 @@ async fn a_restart_with_the_pool_reordered_still_delivers_to_the_right_backend()
 /// could hold every in-flight permit while waiting for an earlier one of the same user that had none: a stall.
 #[tokio::test]
 async fn a_backlog_larger_than_the_in_flight_bound_resumes_without_stalling() {
-    let mut backends = [
-        procs::demo_backend("server1", false),
-        procs::demo_backend("server2", false),
-        procs::demo_backend("server3", false),
-    ];
-    let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+    let (mut backends, addrs) = three_backends();
     let outbox = common::temp_dir("backlog-outbox");
     let outbox = outbox.to_str().expect("utf-8").to_owned();
     let (mut first, api, _) = procs::fanout_with_outbox(&addrs, FAST, &outbox);
@@ -256,12 +242,7 @@ async fn a_backlog_larger_than_the_in_flight_bound_resumes_without_stalling() {
     backends[2] = procs::demo_backend_on("server3", false, addrs[2].port());
     let args = [FAST, &["--max-in-flight", "3"]].concat();
     let (_second, _, metrics) = procs::fanout_with_outbox(&addrs, &args, &outbox);
-    let metrics_url = format!("http://{metrics}/metrics");
-    eventually(Duration::from_secs(60), "the backlog drained through 3 permits", || async {
-        let text = reqwest::get(&metrics_url).await.expect("scrape").text().await.expect("text");
-        sample(&text, "fanout_deliveries_in_flight") == Some(0.0)
-    })
-    .await;
+    drained(metrics, Duration::from_secs(60), "the backlog drained through 3 permits").await;
     let views = [users(addrs[0]).await.users, users(addrs[2]).await.users];
     assert_eq!(views[0], views[1], "server3 caught up, in order");
 }
