@@ -101,7 +101,8 @@ pub struct Config {
     #[arg(long, allow_hyphen_values = true, env = "MAX_BODY", default_value = "64KiB", value_parser = parse_size)]
     pub max_body: ByteSize,
 
-    /// Deliveries in flight at most; past it writes get `503` with `Retry-After` and nothing is forwarded.
+    /// Clients waiting for their answer at most, and with `--no-outbox` also deliveries not yet finished on every
+    /// backend; past it writes get `503` with `Retry-After` and nothing is forwarded.
     #[arg(long, allow_hyphen_values = true, env = "MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 
@@ -126,9 +127,28 @@ pub struct Config {
     #[arg(long, allow_hyphen_values = true, env = "IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
     pub idempotency_window: Duration,
 
-    /// How many recent deliveries `GET /deliveries/{id}` remembers.
-    #[arg(long, allow_hyphen_values = true, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
-    pub delivery_history: usize,
+    /// With the outbox: deliveries stored and not yet finished on every backend (pending or dead-lettered
+    /// somewhere) at most; past it writes get `503` with `Retry-After`. They are on disk, so this bounds disk use.
+    #[arg(long, allow_hyphen_values = true, env = "MAX_PENDING", default_value_t = 1_000_000)]
+    pub max_pending: u64,
+
+    /// Attempts on the wire to one backend at most (its queue worker's concurrency).
+    #[arg(long, allow_hyphen_values = true, env = "BACKEND_CONCURRENCY", default_value_t = 64)]
+    pub backend_concurrency: usize,
+
+    /// Consecutive transient failures after which a backend's circuit breaker opens: its queue pauses and one
+    /// probe goes out on the retry schedule. 0 disables the breaker.
+    #[arg(long, allow_hyphen_values = true, env = "BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+
+    /// Retry budget: retries to a backend are at most this share of its first attempts over the last 10 s
+    /// (plus `--retry-budget-min-per-sec`); a retry past it waits.
+    #[arg(long, allow_hyphen_values = true, env = "RETRY_BUDGET_RATIO", default_value_t = 0.2)]
+    pub retry_budget_ratio: f32,
+
+    /// Retry budget floor: retries per second a backend may always get.
+    #[arg(long, allow_hyphen_values = true, env = "RETRY_BUDGET_MIN_PER_SEC", default_value_t = 10)]
+    pub retry_budget_min_per_sec: u32,
 
     /// Idle keep-alive connections to backends are closed after this long. Keep it below the backends' own idle
     /// timeout so that fanout never sends on a connection the backend is closing.
@@ -217,11 +237,24 @@ impl Config {
         )?;
         // A tokio semaphore holds at most usize::MAX >> 3 permits.
         range((1..=1 << 24).contains(&self.max_in_flight), "max-in-flight", "MAX_IN_FLIGHT", "between 1 and 16777216")?;
+        range((1..=1 << 32).contains(&self.max_pending), "max-pending", "MAX_PENDING", "between 1 and 4294967296")?;
         range(
-            (1..=1_000_000).contains(&self.delivery_history),
-            "delivery-history",
-            "DELIVERY_HISTORY",
-            "between 1 and 1000000",
+            (1..=4096).contains(&self.backend_concurrency),
+            "backend-concurrency",
+            "BACKEND_CONCURRENCY",
+            "between 1 and 4096",
+        )?;
+        range(
+            (0.0..=1000.0).contains(&self.retry_budget_ratio),
+            "retry-budget-ratio",
+            "RETRY_BUDGET_RATIO",
+            "between 0 and 1000",
+        )?;
+        range(
+            self.retry_budget_min_per_sec <= 1_000_000,
+            "retry-budget-min-per-sec",
+            "RETRY_BUDGET_MIN_PER_SEC",
+            "at most 1000000",
         )?;
 
         let entries: Vec<&str> = self.backends.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
@@ -292,6 +325,8 @@ mod tests {
         assert_eq!(c.ack_timeout, Duration::from_secs(30));
         assert_eq!(c.max_body, ByteSize::kib(64));
         assert_eq!(c.max_in_flight, 10_000);
+        assert_eq!(c.breaker_failures, 5);
+        assert_eq!(c.retry_budget_ratio, 0.2);
         assert_eq!(c.metrics_addr(), "0.0.0.0:8000".parse().expect("addr"));
     }
 
@@ -359,8 +394,11 @@ mod tests {
             (&["--backends", "a:1", "--max-body", "0"], "--max-body"),
             (&["--backends", "a:1", "--max-body", "2GiB"], "--max-body"),
             (&["--backends", "a:1", "--max-in-flight", "0"], "--max-in-flight"),
-            (&["--backends", "a:1", "--delivery-history", "0"], "--delivery-history"),
-            (&["--backends", "a:1", "--delivery-history", "2000000"], "--delivery-history"),
+            (&["--backends", "a:1", "--max-pending", "0"], "--max-pending"),
+            (&["--backends", "a:1", "--backend-concurrency", "0"], "--backend-concurrency"),
+            (&["--backends", "a:1", "--retry-budget-ratio", "-0.5"], "--retry-budget-ratio"),
+            (&["--backends", "a:1", "--retry-budget-ratio", "NaN"], "--retry-budget-ratio"),
+            (&["--backends", "a:1", "--retry-budget-min-per-sec", "2000000"], "--retry-budget-min-per-sec"),
             (&["--backends", "a:1", "--max-backoff", "18446744073709551615s"], "--max-backoff"),
             (&["--backends", "a:1", "--max-jitter", "2d"], "--max-jitter"),
             (&["--backends", "a:1", "--pool-idle-timeout", "100000h"], "--pool-idle-timeout"),

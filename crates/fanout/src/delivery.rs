@@ -1,26 +1,26 @@
 //! Deliveries: one client write on its way to every backend of the pool (DESIGN 3.3 - 3.6).
 //!
-//! A delivery runs in one tokio task of its own, so a client that hangs up cancels nothing. Inside it, every
-//! backend has its own retry loop ([`retry_loop`]), polled together; each loop ends delivered or as a dead letter.
-//! As loops finish, a [`Tally`] decides (a pure function of the final results and the [`AckPolicy`]) when the
-//! client can be answered, and the task sends the [`Reply`] once over a oneshot channel. Progress per backend
-//! (attempts, last outcome) is kept in a [`DeliveryStatus`] that `GET /deliveries/{id}` reads.
+//! [`Dispatcher::submit`] gives the write its acceptance order and its place in every backend's queue (one
+//! [`crate::queue::Worker`] per backend), stores it in the outbox, and only then lets the workers send it. Each
+//! worker reports how the write ended on its backend (delivered, or a dead letter) to the dispatcher, whose
+//! [`Tally`] decides (a pure function of the results so far and the [`AckPolicy`]) when the waiting client can be
+//! answered; the [`Reply`] is sent once, over a oneshot channel. A client that hangs up cancels nothing.
 //!
-//! Bounds: at most `--max-in-flight` deliveries run at once (a semaphore; past it [`Dispatcher::submit`] refuses
-//! and the client gets `503`), and the registry of recent deliveries holds at most `--delivery-history` entries.
+//! Bounds: writes whose client is still waiting are at most `--max-in-flight`; deliveries stored and not yet
+//! finished on every backend are at most `--max-pending` with the outbox, `--max-in-flight` without (past either,
+//! [`Dispatcher::submit`] refuses and the client gets `503`). Memory per pending write is the worker's window
+//! ([`crate::queue::WINDOW`]), not one task per write.
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderValue, StatusCode, header};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -29,8 +29,8 @@ use crate::backoff::{Backoff, parse_retry_after};
 use crate::config::AckPolicy;
 use crate::forward::ForwardRequest;
 use crate::metrics::{BackendMetrics, DeadLetterReason, Metrics};
-use crate::ordering::{KeyQueues, Ticket};
-use crate::outbox::{BackendRow, Outbox, StoredDelivery, Unfinished, now_ms};
+use crate::outbox::{BackendState, BackendView, DeadLetter, DeliveryView, Outbox, Startup, StoreError, StoredDelivery};
+use crate::queue::{Msg, NewEntry, QueueSettings, Worker};
 use crate::replay::{Check, KeyRecord, Replays, StoredAnswer};
 
 /// Largest backend answer body kept to be passed back to the client; longer ones are dropped (the status and
@@ -78,79 +78,6 @@ pub enum BackendResult {
         /// The last answer, when the last attempt got one.
         answer: Option<Answer>,
     },
-}
-
-/// Where a backend's retry loop starts: fresh, or resumed from the outbox after a restart.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Resume {
-    /// Attempts already made (they count against `max_attempts`).
-    pub attempts: u32,
-    /// Wait before the next attempt.
-    pub wait: Duration,
-}
-
-/// Runs the attempts of one delivery to one backend: attempt 1 at once, then after each transient failure the
-/// wait of the [`Backoff`] schedule (or the backend's `Retry-After`, capped), until success, a permanent failure
-/// or `max_attempts` attempts. `on_attempt(n, &result)` runs after every attempt, `on_retry(n, wait, outcome)`
-/// before every wait, with `n` the attempt just made (1-based). A [`Resume`] continues a schedule where it
-/// stopped. Waits use tokio's clock.
-pub async fn retry_loop<A, F>(
-    backoff: Backoff,
-    max_attempts: u32,
-    resume: Resume,
-    mut attempt: A,
-    mut on_attempt: impl FnMut(u32, &AttemptResult),
-    mut on_retry: impl FnMut(u32, Duration, Outcome),
-) -> BackendResult
-where
-    A: FnMut(u32) -> F,
-    F: Future<Output = AttemptResult>,
-{
-    let mut n = resume.attempts + 1;
-    if n > max_attempts {
-        return BackendResult::DeadLetter {
-            attempts: resume.attempts,
-            reason: DeadLetterReason::Exhausted,
-            answer: None,
-        };
-    }
-    if !resume.wait.is_zero() {
-        tokio::time::sleep(resume.wait).await;
-    }
-    loop {
-        let result = attempt(n).await;
-        on_attempt(n, &result);
-        match result.outcome {
-            Outcome::Success => {
-                let answer = result.answer.unwrap_or(Answer {
-                    status: StatusCode::CREATED,
-                    content_type: None,
-                    body: Bytes::new(),
-                });
-                return BackendResult::Delivered { attempts: n, answer };
-            }
-            Outcome::Rejected => {
-                return BackendResult::DeadLetter {
-                    attempts: n,
-                    reason: DeadLetterReason::Rejected,
-                    answer: result.answer,
-                };
-            }
-            _ if n >= max_attempts => {
-                return BackendResult::DeadLetter {
-                    attempts: n,
-                    reason: DeadLetterReason::Exhausted,
-                    answer: result.answer,
-                };
-            }
-            outcome => {
-                let wait = backoff.delay_with_hint(n - 1, result.retry_after, &mut rand::rng());
-                on_retry(n, wait, outcome);
-                tokio::time::sleep(wait).await;
-                n += 1;
-            }
-        }
-    }
 }
 
 /// What the client of a write is told (DESIGN 3.6), decided by [`Tally::decide`].
@@ -239,39 +166,11 @@ impl Tally {
     }
 }
 
-/// The final state of a delivery to one backend, as shown in summaries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackendState {
-    /// Attempts are still going on.
-    Pending,
-    /// A `201` arrived.
-    Delivered,
-    /// The backend gave up.
-    DeadLetter,
-    /// Finished (delivered or dead letter) before fanout restarted; the outbox does not keep which.
-    Finished,
-}
-
-/// The progress of a delivery to one backend.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendProgress {
-    /// The backend as written in the pool (shared with the pool, not copied per delivery).
-    pub backend: Arc<str>,
-    /// Where it stands.
-    pub state: BackendState,
-    /// The status of the last answer, if any.
-    pub status: Option<u16>,
-    /// Attempts made so far.
-    pub attempts: u32,
-    /// The class of the last attempt, if any.
-    pub outcome: Option<&'static str>,
-    /// Why it became a dead letter.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'static str>,
-    /// When the next attempt is due (RFC 3339), while waiting in backoff.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<String>,
+impl Answer {
+    /// The answer assumed for a `201` whose body was not kept.
+    pub fn created() -> Self {
+        Answer { status: StatusCode::CREATED, content_type: None, body: Bytes::new() }
+    }
 }
 
 /// The JSON summary of a delivery (`quorum`/`all` answers, `502`, `202`, `GET /deliveries/{id}`).
@@ -284,26 +183,13 @@ pub struct Summary {
     /// When fanout accepted the write (RFC 3339).
     pub accepted_at: String,
     /// One entry per backend, in pool order.
-    pub backends: Vec<BackendProgress>,
+    pub backends: Vec<BackendView>,
 }
 
-/// Live progress of one delivery, shared by its task and the registry.
-#[derive(Debug)]
-pub struct DeliveryStatus {
-    id: Uuid,
-    accepted_at: SystemTime,
-    backends: Mutex<Vec<BackendProgress>>,
-}
-
-impl DeliveryStatus {
-    fn lock(&self) -> MutexGuard<'_, Vec<BackendProgress>> {
-        // A panic while holding this lock cannot leave the progress inconsistent (plain field writes).
-        self.backends.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A snapshot as JSON-ready summary.
-    pub fn summary(&self) -> Summary {
-        let backends = self.lock().clone();
+impl Summary {
+    /// The summary of a delivery as stored.
+    pub fn from_view(id: Uuid, view: DeliveryView) -> Self {
+        let backends = view.backends;
         let state = if backends.iter().any(|b| b.state == BackendState::Pending) {
             "pending"
         } else if backends.iter().all(|b| b.state == BackendState::Delivered) {
@@ -312,39 +198,94 @@ impl DeliveryStatus {
             "failed"
         };
         Summary {
-            delivery_id: self.id,
+            delivery_id: id,
             state,
-            accepted_at: humantime::format_rfc3339_millis(self.accepted_at).to_string(),
+            accepted_at: humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + Duration::from_millis(view.accepted_at_ms),
+            )
+            .to_string(),
             backends,
         }
     }
+}
 
-    /// The delivery id.
-    pub fn id(&self) -> Uuid {
-        self.id
+impl Tally {
+    /// Each backend's part as far as this tally knows (backends not finished yet are pending).
+    pub fn view(&self, labels: &[Arc<str>], accepted_at_ms: u64) -> DeliveryView {
+        let backends = labels
+            .iter()
+            .zip(&self.results)
+            .map(|(label, r)| {
+                let backend = label.to_string();
+                match r {
+                    None => BackendView {
+                        backend,
+                        state: BackendState::Pending,
+                        attempts: 0,
+                        status: None,
+                        outcome: None,
+                        reason: None,
+                        next_attempt_at: None,
+                    },
+                    Some(BackendResult::Delivered { attempts, answer }) => BackendView {
+                        backend,
+                        state: BackendState::Delivered,
+                        attempts: *attempts,
+                        status: Some(answer.status.as_u16()),
+                        outcome: Some("success".to_owned()),
+                        reason: None,
+                        next_attempt_at: None,
+                    },
+                    Some(BackendResult::DeadLetter { attempts, reason, answer }) => BackendView {
+                        backend,
+                        state: BackendState::DeadLetter,
+                        attempts: *attempts,
+                        status: answer.as_ref().map(|a| a.status.as_u16()),
+                        outcome: None,
+                        reason: Some(reason.as_str().to_owned()),
+                        next_attempt_at: None,
+                    },
+                }
+            })
+            .collect();
+        DeliveryView { accepted_at_ms, backends }
     }
 }
 
-/// The answer a delivery task sends to the waiting handler, once.
+/// The answer the dispatcher sends to the waiting handler, once.
 #[derive(Debug)]
 pub struct Reply {
     /// What to tell the client (never [`Decision::Wait`]).
     pub decision: Decision,
+    /// The delivery as far as known when decided.
+    pub summary: Summary,
 }
 
-/// A submitted delivery: its id, its live status, and the channel its decision arrives on.
-#[derive(Debug)]
+/// A submitted write: the channel its decision arrives on. Dropping it (the client hung up, or the ack timeout
+/// passed) stops the wait, not the delivery.
 pub struct Submitted {
-    /// The live status (for summaries).
-    pub status: Arc<DeliveryStatus>,
     /// Receives the decision once the ack policy is met or can no longer be met.
     pub reply: oneshot::Receiver<Reply>,
+    _wait: WaitGuard,
+}
+
+/// Removes a waiting client's tally when its handler is done, and gives back its in-flight permit.
+struct WaitGuard {
+    shared: Arc<Shared>,
+    id: u128,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.shared.waiting().remove(&self.id);
+    }
 }
 
 /// Why a write was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
-    /// `--max-in-flight` deliveries are running.
+    /// `--max-in-flight` clients are waiting, or the pending bound is reached.
     #[error("too many deliveries in flight")]
     Busy,
     /// The service is shutting down.
@@ -352,20 +293,12 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
-/// One backend of the pool with its metric handles and its per-user queues.
-struct Backend {
-    addr: BackendAddr,
-    label: Arc<str>,
-    metrics: BackendMetrics,
-    order: Arc<KeyQueues>,
-}
-
 /// Settings of the dispatcher, from [`crate::Config`].
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
     /// The backend pool.
     pub pool: Vec<BackendAddr>,
-    /// The retry schedule.
+    /// The retry schedule (also the breaker's probe schedule).
     pub backoff: Backoff,
     /// Attempts per backend per delivery.
     pub max_attempts: u32,
@@ -373,64 +306,143 @@ pub struct DispatchSettings {
     pub attempt_timeout: Duration,
     /// When the client is answered.
     pub ack: AckPolicy,
-    /// Deliveries in flight at most.
+    /// Clients waiting at most (and, without an outbox, deliveries not finished).
     pub max_in_flight: usize,
-    /// Recent deliveries remembered.
-    pub history: usize,
+    /// Deliveries stored and not finished on every backend at most, with an outbox.
+    pub max_pending: u64,
     /// Idle keep-alive timeout of backend connections.
     pub pool_idle_timeout: Duration,
+    /// The queue workers' concurrency, breaker and budget.
+    pub queue: QueueSettings,
 }
 
-/// Starts deliveries and remembers recent ones. Cheap to clone.
+/// Accepts writes, runs the backends' queue workers, answers waiting clients. Cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
     shared: Arc<Shared>,
 }
 
-struct Shared {
+struct Waiter {
+    tally: Tally,
+    tx: oneshot::Sender<Reply>,
+}
+
+/// What the dispatcher and its workers share.
+pub struct Shared {
     client: reqwest::Client,
-    backends: Vec<Backend>,
     settings: DispatchSettings,
-    permits: Arc<Semaphore>,
-    registry: Mutex<Registry>,
     metrics: Metrics,
-    /// Acceptance order of deliveries, for the per-user queues.
-    next_seq: AtomicU64,
-    /// Held while a delivery takes its places in every backend's queues, so that two writes for the same user
-    /// are queued in the same order on every backend.
-    enqueue: Mutex<()>,
-    /// Set when shutdown starts: no new delivery is accepted from then on.
-    closing: AtomicBool,
-    /// Where accepted writes are stored before anything is sent; `None` keeps them in memory only.
-    outbox: Option<Outbox>,
-    /// Recent client idempotency keys.
+    outbox: Outbox,
     replays: Replays,
+    labels: Vec<Arc<str>>,
+    queues: Vec<mpsc::UnboundedSender<Msg>>,
+    /// Held while a write takes its acceptance order and its places in every queue, so that two writes for the
+    /// same user are queued in the same order on every backend.
+    enqueue: Mutex<()>,
+    next_seq: AtomicU64,
+    waiting: Mutex<HashMap<u128, Waiter>>,
+    clients: Arc<Semaphore>,
+    closing: AtomicBool,
+    stop: watch::Sender<bool>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Shared {
-    /// Drops a delivery from the recent-deliveries registry (it was never accepted).
-    fn forget(&self, id: &Uuid) {
-        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        reg.by_id.remove(id);
-        reg.order.retain(|x| x != id);
+    fn waiting(&self) -> MutexGuard<'_, HashMap<u128, Waiter>> {
+        // Every critical section leaves the map consistent, so a poisoned lock is still usable.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pooled HTTP client.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The retry schedule.
+    pub fn backoff(&self) -> Backoff {
+        self.settings.backoff
+    }
+
+    /// One attempt's deadline.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.settings.attempt_timeout
+    }
+
+    /// Attempts per backend per delivery.
+    pub fn max_attempts(&self) -> u32 {
+        self.settings.max_attempts
+    }
+
+    /// The store.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// A worker's report: delivery `id` ended on backend `index`. Answers its client if that decides it.
+    pub fn record(&self, index: usize, id: u128, result: BackendResult) {
+        let mut waiting = self.waiting();
+        let Some(w) = waiting.get_mut(&id) else { return };
+        w.tally.record(index, result);
+        let decision = w.tally.decide();
+        if decision == Decision::Wait {
+            return;
+        }
+        if let Some(w) = waiting.remove(&id) {
+            let uuid = Uuid::from_u128(id);
+            let summary = Summary::from_view(uuid, w.tally.view(&self.labels, crate::outbox::id_time_ms(id)));
+            // The client may have gone: the delivery went on regardless.
+            let _ = w.tx.send(Reply { decision, summary });
+        }
+    }
+
+    fn broadcast(&self, msg: impl Fn() -> Msg) {
+        for q in &self.queues {
+            let _ = q.send(msg());
+        }
+    }
+
+    /// Stores an accepted write, then lets the workers send it; or, when it cannot be stored, makes them forget
+    /// it and answers its client `503`.
+    async fn store(
+        self: Arc<Self>,
+        id: u128,
+        seq: u64,
+        record: StoredDelivery,
+        idempotency: Option<(String, KeyRecord)>,
+    ) {
+        let key = idempotency.as_ref().map(|(k, r)| (k.as_str(), r));
+        match self.outbox.accept(id, &record, key).await {
+            Ok(()) => {
+                // Stored: repeats of its idempotency key are replays from now on.
+                if let Some((key, _)) = &idempotency {
+                    self.replays.confirm(key, id);
+                }
+                self.broadcast(|| Msg::Stored(seq));
+            }
+            Err(err) => {
+                tracing::error!(delivery_id = %Uuid::from_u128(id), error = %err, "write not stored: refused, nothing sent");
+                self.broadcast(|| Msg::Dropped(seq));
+                if let Some(w) = self.waiting().remove(&id) {
+                    let summary = Summary::from_view(Uuid::from_u128(id), w.tally.view(&[], 0));
+                    let _ = w.tx.send(Reply { decision: Decision::Refused, summary });
+                }
+            }
+        }
     }
 }
 
-struct Registry {
-    by_id: HashMap<Uuid, Arc<DeliveryStatus>>,
-    order: VecDeque<Uuid>,
-}
-
 impl Dispatcher {
-    /// A dispatcher with one pooled HTTP client shared by every delivery. Redirects are never followed.
+    /// A dispatcher with one pooled HTTP client, and one queue worker per backend started on the current
+    /// runtime. `startup` is what the outbox holds (see [`Outbox::startup`]). Redirects are never followed.
     ///
     /// # Errors
     /// When the HTTP client cannot be built (its TLS-less builder does not fail in practice).
     pub fn new(
         settings: DispatchSettings,
         metrics: Metrics,
-        outbox: Option<Outbox>,
+        outbox: Outbox,
         replays: Replays,
+        startup: &Startup,
     ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -438,41 +450,51 @@ impl Dispatcher {
             .tcp_nodelay(true)
             .no_proxy()
             .build()?;
-        let backends = settings
-            .pool
-            .iter()
-            .map(|addr| Backend {
-                addr: addr.clone(),
-                label: addr.label().into(),
-                metrics: metrics.backend(addr.label()),
-                order: Arc::default(),
-            })
-            .collect();
-        let permits = Arc::new(Semaphore::new(settings.max_in_flight));
-        Ok(Self {
-            shared: Arc::new(Shared {
-                client,
-                backends,
-                permits,
-                registry: Mutex::new(Registry { by_id: HashMap::new(), order: VecDeque::new() }),
-                metrics,
-                settings,
-                next_seq: AtomicU64::new(0),
-                enqueue: Mutex::new(()),
-                closing: AtomicBool::new(false),
-                outbox,
-                replays,
-            }),
-        })
+        let labels: Vec<Arc<str>> = settings.pool.iter().map(|a| Arc::from(a.label())).collect();
+        let (senders, receivers): (Vec<_>, Vec<_>) = settings.pool.iter().map(|_| mpsc::unbounded_channel()).unzip();
+        let (stop, stopped) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            client,
+            clients: Arc::new(Semaphore::new(settings.max_in_flight)),
+            settings,
+            metrics: metrics.clone(),
+            outbox,
+            replays,
+            labels,
+            queues: senders,
+            enqueue: Mutex::new(()),
+            next_seq: AtomicU64::new(startup.max_seq.map_or(0, |s| s + 1)),
+            waiting: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+            stop,
+            workers: Mutex::new(Vec::new()),
+        });
+        let mut workers = Vec::new();
+        for (index, rx) in receivers.into_iter().enumerate() {
+            let addr = shared.settings.pool[index].clone();
+            let counts = startup.backends.get(addr.label()).cloned().unwrap_or_default();
+            let worker = Worker::new(
+                shared.clone(),
+                index,
+                addr.clone(),
+                metrics.backend(addr.label()),
+                shared.settings.queue,
+                rx,
+                stopped.clone(),
+                (counts.pending, counts.dead),
+            );
+            workers.push(tokio::spawn(worker.run()));
+        }
+        *shared.workers.lock().unwrap_or_else(|e| e.into_inner()) = workers;
+        Ok(Self { shared })
     }
 
-    /// Starts delivering `request` to every backend in a task of its own. With an `ordering_key` (the user), the
-    /// delivery to each backend waits until every earlier accepted delivery with the same key has finished on that
-    /// backend (see [`crate::ordering`]).
+    /// Accepts `request` for delivery to every backend: it takes its places in the backends' queues now (with
+    /// its `ordering_key`, behind every earlier write of that key), and is sent once stored.
     ///
     /// # Errors
-    /// [`SubmitError::Busy`] past `--max-in-flight`, [`SubmitError::ShuttingDown`] once [`Dispatcher::close`] ran.
-    /// Nothing is sent in either case.
+    /// [`SubmitError::Busy`] past `--max-in-flight` waiting clients or the pending bound,
+    /// [`SubmitError::ShuttingDown`] once [`Dispatcher::close`] ran. Nothing is stored or sent in either case.
     pub fn submit(
         &self,
         id: Uuid,
@@ -480,177 +502,53 @@ impl Dispatcher {
         ordering_key: Option<&str>,
         idempotency: Option<(String, KeyRecord)>,
     ) -> Result<Submitted, SubmitError> {
-        if self.shared.closing.load(Ordering::Acquire) {
+        let shared = &self.shared;
+        if shared.closing.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
-        let permit = match self.shared.permits.clone().try_acquire_owned() {
+        if shared.outbox.unfinished() >= self.pending_limit() {
+            shared.metrics.rejected();
+            return Err(SubmitError::Busy);
+        }
+        let permit = match shared.clients.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
-                self.shared.metrics.rejected();
+                shared.metrics.rejected();
                 return Err(SubmitError::Busy);
             }
             Err(tokio::sync::TryAcquireError::Closed) => return Err(SubmitError::ShuttingDown),
         };
-        let plan = vec![Some(Resume::default()); self.shared.backends.len()];
-        let (seq, tickets) = self.take_places(None, ordering_key, &plan);
-        let status = self.track(id, SystemTime::now(), &plan);
+        let id = id.as_u128();
         let (tx, rx) = oneshot::channel();
-        let job = Job {
-            id,
-            seq,
-            ordering_key: ordering_key.map(str::to_owned),
-            request: Arc::new(request),
-            plan,
-            status: status.clone(),
-            tickets,
-            store: self.shared.outbox.is_some(),
-            idempotency,
-            rows: (0..self.shared.backends.len()).map(|i| u16::try_from(i).unwrap_or(u16::MAX)).collect(),
+        shared.waiting().insert(id, Waiter { tally: Tally::new(shared.settings.ack, shared.labels.len()), tx });
+        let request = Arc::new(request);
+        let key: Option<Arc<str>> = ordering_key.map(Arc::from);
+        let accepted_at_ms = crate::outbox::now_ms();
+        let seq = {
+            let _one_at_a_time = shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
+            let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+            shared.broadcast(|| {
+                Msg::New(NewEntry { seq, id, request: request.clone(), key: key.clone(), accepted_at_ms })
+            });
+            seq
         };
-        let in_flight = GaugeGuard::new(self.shared.metrics.in_flight().clone());
-        tokio::spawn(run_delivery(self.shared.clone(), job, Some(tx), (permit, in_flight)));
-        Ok(Submitted { status, reply: rx })
+        let labels = shared.labels.iter().map(|l| l.to_string()).collect();
+        let record = StoredDelivery::from_request(seq, &request, ordering_key.map(str::to_owned), labels);
+        tokio::spawn(shared.clone().store(id, seq, record, idempotency));
+        Ok(Submitted { reply: rx, _wait: WaitGuard { shared: shared.clone(), id, _permit: permit } })
     }
 
-    /// Takes this delivery's places in the per-user queues of the backends in `plan`, all at once (see
-    /// [`crate::ordering`]), with its acceptance order: `seq`, or the next one when `None`.
-    fn take_places(
-        &self,
-        seq: Option<u64>,
-        ordering_key: Option<&str>,
-        plan: &[Option<Resume>],
-    ) -> (u64, Vec<Option<Ticket>>) {
-        let _one_at_a_time = self.shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = seq.unwrap_or_else(|| self.shared.next_seq.fetch_add(1, Ordering::Relaxed));
-        let tickets = self
-            .shared
-            .backends
-            .iter()
-            .zip(plan)
-            .map(|(b, p)| match (ordering_key, p) {
-                (Some(key), Some(_)) => Some(b.order.enqueue(key, seq)),
-                _ => None,
-            })
-            .collect();
-        (seq, tickets)
-    }
-
-    /// A progress record for a delivery, remembered for `GET /deliveries/{id}`.
-    fn track(&self, id: Uuid, accepted_at: SystemTime, plan: &[Option<Resume>]) -> Arc<DeliveryStatus> {
-        let progress = self
-            .shared
-            .backends
-            .iter()
-            .zip(plan)
-            .map(|(b, p)| BackendProgress {
-                backend: b.label.clone(),
-                state: if p.is_some() { BackendState::Pending } else { BackendState::Finished },
-                status: None,
-                attempts: p.map_or(0, |r| r.attempts),
-                outcome: None,
-                reason: None,
-                next_attempt_at: None,
-            })
-            .collect();
-        let status = Arc::new(DeliveryStatus { id, accepted_at, backends: Mutex::new(progress) });
-        self.remember(&status);
-        status
-    }
-
-    /// Resumes deliveries read from the outbox at start, in acceptance order: each takes its places in the
-    /// per-user queues now (before any new write can), and starts once an in-flight permit is free. New
-    /// acceptance numbers continue after the highest one stored.
-    pub fn resume(&self, unfinished: Vec<Unfinished>) -> usize {
-        let count = unfinished.len();
-        if let Some(max) = unfinished.iter().map(|u| u.delivery.seq).max() {
-            self.shared.next_seq.fetch_max(max + 1, Ordering::Relaxed);
+    fn pending_limit(&self) -> u64 {
+        if self.shared.outbox.durable() {
+            self.shared.settings.max_pending
+        } else {
+            u64::try_from(self.shared.settings.max_in_flight).unwrap_or(u64::MAX)
         }
-        let now = now_ms();
-        let mut jobs = Vec::with_capacity(count);
-        for u in unfinished {
-            let id = Uuid::from_u128(u.id);
-            let mut plan = vec![None; self.shared.backends.len()];
-            let mut rows = vec![u16::MAX; self.shared.backends.len()];
-            for (stored_index, row) in &u.pending {
-                // Pending rows name a backend by its place in the pool at acceptance; find it in today's pool.
-                let label = u.delivery.backends.get(usize::from(*stored_index));
-                let here = label.and_then(|l| self.shared.backends.iter().position(|b| b.addr.label() == l));
-                match here {
-                    Some(i) => {
-                        let wait = Duration::from_millis(row.next_due_ms.saturating_sub(now));
-                        plan[i] = Some(Resume { attempts: row.attempts, wait });
-                        rows[i] = *stored_index;
-                    }
-                    None => {
-                        tracing::error!(
-                            delivery_id = %id,
-                            backend = label.map_or("?", String::as_str),
-                            "dead letter: this backend is no longer in --backends and will not get this write"
-                        );
-                        if let Some(outbox) = &self.shared.outbox {
-                            outbox.drop_pending(u.id, *stored_index);
-                        }
-                    }
-                }
-            }
-            let Some(request) = u.delivery.to_request() else {
-                tracing::error!(delivery_id = %id, "outbox record does not decode to a request; skipped");
-                continue;
-            };
-            let seq = u.delivery.seq;
-            let ordering_key = u.delivery.ordering_key.clone();
-            let (_, tickets) = self.take_places(Some(seq), ordering_key.as_deref(), &plan);
-            let accepted_at = std::time::UNIX_EPOCH + Duration::from_millis(u.delivery.accepted_at_ms);
-            let status = self.track(id, accepted_at, &plan);
-            let pending_here = plan.iter().filter(|p| p.is_some()).count();
-            let job = Job {
-                id,
-                seq,
-                ordering_key,
-                request: Arc::new(request),
-                plan,
-                status,
-                tickets,
-                store: false,
-                idempotency: None,
-                rows,
-            };
-            if pending_here == 0 {
-                // Every backend that needed it left the pool: the delivery is over.
-                if let Some(outbox) = &self.shared.outbox {
-                    outbox.drop_delivery(u.id);
-                }
-                continue;
-            }
-            jobs.push(job);
-        }
-        // In-flight permits are taken in acceptance order, one after the other: a later delivery never holds a
-        // permit while an earlier one of the same user waits for one (which would stall both for good).
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            for job in jobs {
-                let Ok(permit) = shared.permits.clone().acquire_owned().await else { return };
-                let in_flight = GaugeGuard::new(shared.metrics.in_flight().clone());
-                tokio::spawn(run_delivery(shared.clone(), job, None, (permit, in_flight)));
-            }
-        });
-        count
-    }
-
-    fn remember(&self, status: &Arc<DeliveryStatus>) {
-        let mut reg = self.shared.registry.lock().unwrap_or_else(|e| e.into_inner());
-        while reg.order.len() >= self.shared.settings.history {
-            if let Some(old) = reg.order.pop_front() {
-                reg.by_id.remove(&old);
-            }
-        }
-        reg.order.push_back(status.id);
-        reg.by_id.insert(status.id, status.clone());
     }
 
     /// Checks a client's idempotency key, reserving it for `id` when it is new.
     pub fn check_key(&self, key: &str, body_hash: [u8; 32], id: Uuid) -> Check {
-        self.shared.replays.check(key, body_hash, id.as_u128(), now_ms())
+        self.shared.replays.check(key, body_hash, id.as_u128(), crate::outbox::now_ms())
     }
 
     /// Releases a key reserved for a write that was refused.
@@ -661,26 +559,65 @@ impl Dispatcher {
     /// Keeps the answer given under a key, for replays (and in the outbox, for replays after a restart).
     pub fn answered(&self, key: &str, id: Uuid, record: KeyRecord, answer: StoredAnswer) {
         self.shared.replays.answered(key, id.as_u128(), answer.clone());
-        if let Some(outbox) = &self.shared.outbox {
-            outbox.answer(key, &KeyRecord { answer: Some(answer), ..record });
+        self.shared.outbox.answer(key, &KeyRecord { answer: Some(answer), ..record });
+    }
+
+    /// A delivery as stored, or `None` when it is unknown (or older than the idempotency window).
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn lookup(&self, id: Uuid) -> Result<Option<Summary>, StoreError> {
+        Ok(self.shared.outbox.view(id.as_u128()).await?.map(|v| Summary::from_view(id, v)))
+    }
+
+    /// Up to `limit` dead letters, of one backend (as written in `--backends`) or all.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn dead_letters(&self, backend: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.shared.outbox.dead_letters(backend, limit).await
+    }
+
+    /// Puts dead letters (of one backend, of one delivery, or all) back in their queues with fresh attempts, in
+    /// their original order; returns how many.
+    ///
+    /// # Errors
+    /// When the store fails; nothing moved then.
+    pub async fn redrive(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, StoreError> {
+        let moved = self.shared.outbox.redrive(backend, id.map(|i| i.as_u128())).await?;
+        let mut per_backend: HashMap<&str, u64> = HashMap::new();
+        for (b, _) in &moved {
+            *per_backend.entry(b.as_str()).or_default() += 1;
         }
+        for (b, n) in per_backend {
+            match self.shared.labels.iter().position(|l| &**l == b) {
+                Some(i) => {
+                    let _ = self.shared.queues[i].send(Msg::Redriven(n));
+                }
+                None => {
+                    tracing::warn!(backend = b, n, "redriven to a backend that is not in --backends: it waits there")
+                }
+            }
+        }
+        Ok(moved.len())
     }
 
-    /// A recent delivery by id.
-    pub fn lookup(&self, id: &Uuid) -> Option<Arc<DeliveryStatus>> {
-        self.shared.registry.lock().unwrap_or_else(|e| e.into_inner()).by_id.get(id).cloned()
+    /// True when `label` is a backend of the pool.
+    pub fn knows_backend(&self, label: &str) -> bool {
+        self.shared.labels.iter().any(|l| &**l == label)
     }
 
-    /// Deliveries currently in flight.
-    pub fn in_flight(&self) -> usize {
-        self.shared.settings.max_in_flight - self.shared.permits.available_permits()
+    /// Deliveries not finished on every backend (pending, or a dead letter somewhere).
+    pub fn unfinished(&self) -> u64 {
+        self.shared.outbox.unfinished()
     }
 
-    /// True while new writes can be accepted (not shutting down, below the in-flight bound).
+    /// True while new writes can be accepted (not shutting down, below the bounds, the store healthy).
     pub fn ready(&self) -> bool {
         !self.shared.closing.load(Ordering::Acquire)
-            && self.shared.permits.available_permits() > 0
-            && self.shared.outbox.as_ref().is_none_or(Outbox::healthy)
+            && self.shared.clients.available_permits() > 0
+            && self.shared.outbox.unfinished() < self.pending_limit()
+            && self.shared.outbox.healthy()
     }
 
     /// The ack policy.
@@ -688,216 +625,37 @@ impl Dispatcher {
         self.shared.settings.ack
     }
 
-    /// Stops accepting writes and waits up to `grace` for deliveries in flight; returns how many were still
-    /// pending when it gave up (0 when all finished).
-    pub async fn close(&self, grace: Duration) -> usize {
+    /// Stops accepting writes, lets the workers drain their queues for up to `grace`, stops them, and makes the
+    /// outbox durable. Returns the deliveries not finished on every backend.
+    pub async fn close(&self, grace: Duration) -> u64 {
         self.shared.closing.store(true, Ordering::Release);
-        let all = u32::try_from(self.shared.settings.max_in_flight).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout(grace, self.shared.permits.acquire_many(all)).await;
-        self.shared.permits.close();
-        let pending = match drained {
-            Ok(_) => 0,
-            Err(_) => self.in_flight(),
-        };
-        if let Some(outbox) = &self.shared.outbox
-            && let Err(err) = outbox.flush().await
-        {
+        let _ = self.shared.stop.send(true);
+        let workers = std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        let aborts: Vec<_> = workers.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(grace, futures_util::future::join_all(workers)).await.is_err() {
+            for a in aborts {
+                a.abort();
+            }
+        }
+        if let Err(err) = self.shared.outbox.flush().await {
             tracing::error!(error = %err, "outbox: final flush failed");
         }
-        pending
+        self.shared.outbox.unfinished()
     }
 
-    /// The outbox, if any.
-    pub fn outbox(&self) -> Option<Outbox> {
+    /// The outbox.
+    pub fn outbox(&self) -> Outbox {
         self.shared.outbox.clone()
     }
 
     /// True when accepted writes are kept in a durable outbox.
     pub fn durable(&self) -> bool {
-        self.shared.outbox.is_some()
+        self.shared.outbox.durable()
     }
-}
-
-/// A delivery ready to run: the write, which backends still need it and from where, its queue places.
-struct Job {
-    id: Uuid,
-    seq: u64,
-    ordering_key: Option<String>,
-    request: Arc<ForwardRequest>,
-    plan: Vec<Option<Resume>>,
-    status: Arc<DeliveryStatus>,
-    tickets: Vec<Option<Ticket>>,
-    /// Store it in the outbox before anything is sent (a new write, with an outbox).
-    store: bool,
-    /// The client's idempotency key and its record, stored with the write.
-    idempotency: Option<(String, KeyRecord)>,
-    /// For each backend of today's pool, the index its outbox row has (its place in the pool at acceptance).
-    rows: Vec<u16>,
-}
-
-/// The task of one delivery: the write is stored first (with an outbox), then every pending backend's retry
-/// loop runs, polled together; the reply is sent once decided, and each backend's end is recorded in the outbox.
-async fn run_delivery(
-    shared: Arc<Shared>,
-    job: Job,
-    reply: Option<oneshot::Sender<Reply>>,
-    // Released when the task ends, however it ends.
-    _held: (OwnedSemaphorePermit, GaugeGuard),
-) {
-    let Job { id, seq, ordering_key, request, plan, status, tickets, store, idempotency, rows } = job;
-    let mut reply = reply;
-    if store && let Some(outbox) = &shared.outbox {
-        let labels = shared.backends.iter().map(|b| b.addr.label().to_owned()).collect();
-        let stored = StoredDelivery::from_request(seq, &request, ordering_key, labels);
-        let backends = u16::try_from(plan.len()).unwrap_or(u16::MAX);
-        let key = idempotency.as_ref().map(|(k, r)| (k.as_str(), r));
-        if let Err(err) = outbox.accept(id.as_u128(), &stored, backends, key).await {
-            tracing::error!(delivery_id = %id, error = %err, "write not stored: refused, nothing sent");
-            shared.forget(&id);
-            if let Some(tx) = reply.take() {
-                let _ = tx.send(Reply { decision: Decision::Refused });
-            }
-            return;
-        }
-    }
-    // Stored (or nothing to store): repeats of its idempotency key are replays from now on.
-    if let Some((key, _)) = &idempotency {
-        shared.replays.confirm(key, id.as_u128());
-    }
-    // The tally (and the answers it holds) lives only until the client is answered.
-    let mut tally = reply.as_ref().map(|_| Tally::new(shared.settings.ack, shared.backends.len()));
-    let mut remaining = plan.iter().filter(|p| p.is_some()).count();
-    let mut loops: FuturesUnordered<_> = plan
-        .into_iter()
-        .zip(tickets)
-        .enumerate()
-        .filter_map(|(index, (resume, ticket))| resume.map(|r| (index, r, ticket)))
-        .map(|(index, resume, ticket)| {
-            let shared = &shared;
-            let request = &request;
-            let status = &status;
-            let row = rows[index];
-            async move { (index, deliver_to(shared, index, row, request, status, resume, ticket).await) }
-        })
-        .collect();
-    while let Some((index, result)) = loops.next().await {
-        remaining -= 1;
-        if let Some(outbox) = &shared.outbox {
-            outbox.finish(id.as_u128(), rows[index], remaining == 0).await;
-        }
-        if let Some(t) = tally.as_mut() {
-            t.record(index, result);
-            let decision = t.decide();
-            if decision != Decision::Wait
-                && let Some(tx) = reply.take()
-            {
-                // The client may have gone: the delivery goes on regardless.
-                let _ = tx.send(Reply { decision });
-                tally = None;
-            }
-        }
-    }
-}
-
-/// Adds 1 to a gauge for as long as it lives (so that a task that ends early, even by a panic, gives it back).
-struct GaugeGuard(metrics::Gauge);
-
-impl GaugeGuard {
-    fn new(gauge: metrics::Gauge) -> Self {
-        gauge.increment(1.0);
-        Self(gauge)
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
-}
-
-/// One backend's retry loop within a delivery, with its logging, metrics and progress updates. With a ticket, the
-/// first attempt waits for the ticket's turn; the ticket is released when this backend's delivery ends.
-async fn deliver_to(
-    shared: &Shared,
-    index: usize,
-    row: u16,
-    request: &ForwardRequest,
-    status: &DeliveryStatus,
-    resume: Resume,
-    mut ticket: Option<Ticket>,
-) -> BackendResult {
-    let backend = &shared.backends[index];
-    let settings = &shared.settings;
-    let _pending = GaugeGuard::new(backend.metrics.pending().clone());
-    if let Some(ticket) = ticket.as_mut() {
-        ticket.ready().await;
-    }
-    let url = backend.addr.target(&request.path_and_query);
-    let record = |attempts: u32, wait: Duration| {
-        if let Some(outbox) = &shared.outbox {
-            let next_due_ms = if wait.is_zero() { 0 } else { now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0) };
-            outbox.progress(status.id.as_u128(), row, BackendRow { attempts, next_due_ms });
-        }
-    };
-    let result = retry_loop(
-        settings.backoff,
-        settings.max_attempts,
-        resume,
-        // Boxed: the attempt's future (the HTTP client's, the largest part) exists only during an attempt,
-        // not inline in a loop that mostly sleeps in backoff.
-        |_| Box::pin(send_attempt(&shared.client, &url, request, settings.attempt_timeout, &backend.metrics)),
-        |n, r| {
-            let mut progress = status.lock();
-            let p = &mut progress[index];
-            p.attempts = n;
-            p.status = r.answer.as_ref().map(|a| a.status.as_u16());
-            p.outcome = Some(r.outcome.as_str());
-            p.next_attempt_at = None;
-        },
-        |n, wait, outcome| {
-            record(n, wait);
-            status.lock()[index].next_attempt_at =
-                Some(humantime::format_rfc3339_millis(SystemTime::now() + wait).to_string());
-            backend.metrics.retry();
-            tracing::info!(
-                backend = %backend.addr,
-                delivery_id = %status.id,
-                attempt = n,
-                outcome = outcome.as_str(),
-                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                "attempt failed, retrying"
-            );
-        },
-    )
-    .await;
-    {
-        let mut progress = status.lock();
-        let p = &mut progress[index];
-        match &result {
-            BackendResult::Delivered { .. } => p.state = BackendState::Delivered,
-            BackendResult::DeadLetter { attempts, reason, .. } => {
-                p.state = BackendState::DeadLetter;
-                p.reason = Some(reason.as_str());
-                backend.metrics.dead_letter(*reason);
-                tracing::error!(
-                    backend = %backend.addr,
-                    delivery_id = %status.id,
-                    attempts,
-                    reason = reason.as_str(),
-                    last_status = p.status,
-                    // The path only: a query string may carry credentials.
-                    path = request.path_and_query.split('?').next().unwrap_or_default(),
-                    "dead letter: the backend did not get this write"
-                );
-            }
-        }
-    }
-    drop(ticket);
-    result
 }
 
 /// One attempt: the request with the shared body, bounded by `timeout` from connect to the last body byte.
-async fn send_attempt(
+pub(crate) async fn send_attempt(
     client: &reqwest::Client,
     url: &reqwest::Url,
     request: &ForwardRequest,
@@ -957,7 +715,6 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<B
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
 
     fn answer(code: u16) -> Answer {
         Answer {
@@ -1022,158 +779,5 @@ mod tests {
             tally(AckPolicy::All, &[(0, rejected(400)), (1, rejected(400)), (2, rejected(400))]),
             Decision::PassBack { answer: answer(400) }
         );
-    }
-
-    fn result(outcome: Outcome) -> AttemptResult {
-        let code = match outcome {
-            Outcome::Success => Some(201),
-            Outcome::Status5xx => Some(500),
-            Outcome::Rejected => Some(400),
-            _ => None,
-        };
-        AttemptResult { outcome, answer: code.map(answer), retry_after: None }
-    }
-
-    /// Runs `retry_loop` under paused time with scripted outcomes; returns the result and the instants (relative
-    /// to the start) at which each attempt began.
-    async fn scripted(
-        backoff: Backoff,
-        max_attempts: u32,
-        script: Vec<AttemptResult>,
-    ) -> (BackendResult, Vec<Duration>) {
-        let start = Instant::now();
-        let times = RefCell::new(Vec::new());
-        let script = RefCell::new(script.into_iter());
-        let result = retry_loop(
-            backoff,
-            max_attempts,
-            Resume::default(),
-            |_| {
-                times.borrow_mut().push(start.elapsed());
-                let next = script.borrow_mut().next().expect("script long enough");
-                async move { next }
-            },
-            |_, _| {},
-            |_, _, _| {},
-        )
-        .await;
-        (result, times.into_inner())
-    }
-
-    const EXACT: Backoff =
-        Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(64), max_jitter: Duration::ZERO };
-
-    #[tokio::test(start_paused = true)]
-    async fn third_attempt_succeeds_after_one_and_two_seconds() {
-        let script = vec![result(Outcome::Status5xx), result(Outcome::Connect), result(Outcome::Success)];
-        let (r, times) = scripted(EXACT, 100, script).await;
-        assert!(matches!(r, BackendResult::Delivered { attempts: 3, .. }), "{r:?}");
-        assert_eq!(times, [Duration::ZERO, Duration::from_secs(1), Duration::from_secs(3)]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_schedule_is_truncated_at_max_backoff_and_attempts_run_out() {
-        let script = (0..10).map(|_| result(Outcome::Timeout)).collect();
-        let (r, times) = scripted(EXACT, 10, script).await;
-        assert_eq!(r, BackendResult::DeadLetter { attempts: 10, reason: DeadLetterReason::Exhausted, answer: None });
-        let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
-        assert_eq!(gaps, [1, 2, 4, 8, 16, 32, 64, 64, 64]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn jitter_stays_within_bounds_on_the_clock() {
-        let backoff = Backoff { max_jitter: Duration::from_millis(100), ..EXACT };
-        let script = (0..5).map(|_| result(Outcome::Status5xx)).collect();
-        let (_, times) = scripted(backoff, 5, script).await;
-        for (n, w) in times.windows(2).enumerate() {
-            let gap = w[1] - w[0];
-            let base = EXACT.base(n as u32);
-            assert!(gap >= base && gap <= base + Duration::from_millis(100), "retry {n}: {gap:?}");
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn retry_after_replaces_the_schedule() {
-        let mut throttled = result(Outcome::RetryableStatus);
-        throttled.retry_after = Some(Duration::from_secs(7));
-        let mut too_long = result(Outcome::Status5xx);
-        too_long.retry_after = Some(Duration::from_secs(3600));
-        let (_, times) = scripted(EXACT, 3, vec![throttled, too_long, result(Outcome::Success)]).await;
-        assert_eq!(times, [Duration::ZERO, Duration::from_secs(7), Duration::from_secs(7 + 64)]);
-    }
-
-    /// A dispatcher whose backends refuse connections and retry only after a minute: deliveries stay pending.
-    fn stuck_dispatcher(backends: u16, max_in_flight: usize) -> Dispatcher {
-        let settings = DispatchSettings {
-            pool: (1..=backends).map(|p| format!("127.0.0.1:{p}").parse().expect("addr")).collect(),
-            backoff: Backoff {
-                initial: Duration::from_secs(60),
-                max: Duration::from_secs(60),
-                max_jitter: Duration::ZERO,
-            },
-            max_attempts: 5,
-            attempt_timeout: Duration::from_secs(1),
-            ack: AckPolicy::First,
-            max_in_flight,
-            history: 10,
-            pool_idle_timeout: Duration::from_secs(1),
-        };
-        Dispatcher::new(settings, Metrics::new(), None, Replays::new(Duration::from_secs(60), Vec::new(), 0))
-            .expect("client")
-    }
-
-    fn write() -> ForwardRequest {
-        ForwardRequest {
-            method: axum::http::Method::POST,
-            path_and_query: "/register".to_owned(),
-            headers: axum::http::HeaderMap::new(),
-            body: Bytes::from_static(b"username=a&password=b"),
-        }
-    }
-
-    /// Found by an attack run: writes for one user submitted at the same moment from several threads were queued
-    /// in one order on a backend and in another on the next, so backends applied them in different orders.
-    #[test]
-    fn concurrent_submits_queue_a_user_in_the_same_order_on_every_backend() {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-        let dispatcher = stuck_dispatcher(3, 10_000);
-        std::thread::scope(|scope| {
-            for _ in 0..8 {
-                let d = &dispatcher;
-                let handle = runtime.handle().clone();
-                scope.spawn(move || {
-                    let _in_runtime = handle.enter();
-                    for _ in 0..300 {
-                        d.submit(Uuid::now_v7(), write(), Some("same-user"), None).expect("accepted");
-                    }
-                });
-            }
-        });
-        let orders: Vec<Vec<u64>> = dispatcher.shared.backends.iter().map(|b| b.order.order("same-user")).collect();
-        assert_eq!(orders[0].len(), 2400);
-        assert!(orders.windows(2).all(|w| w[0] == w[1]), "backends queued the user's writes in different orders");
-        runtime.shutdown_background();
-    }
-
-    #[tokio::test]
-    async fn once_shutdown_starts_no_write_is_accepted_and_pending_ones_are_counted() {
-        let dispatcher = stuck_dispatcher(1, 10);
-        let request = write();
-        let _pending = dispatcher.submit(Uuid::now_v7(), request.clone(), None, None).expect("accepted");
-        let closing = tokio::spawn({
-            let d = dispatcher.clone();
-            async move { d.close(Duration::from_millis(300)).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!dispatcher.ready());
-        assert_eq!(dispatcher.submit(Uuid::now_v7(), request, None, None).err(), Some(SubmitError::ShuttingDown));
-        assert_eq!(closing.await.expect("join"), 1, "the delivery to the dead backend is still pending");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_permanent_failure_is_not_retried() {
-        let (r, times) = scripted(EXACT, 100, vec![result(Outcome::Rejected)]).await;
-        assert!(matches!(r, BackendResult::DeadLetter { attempts: 1, reason: DeadLetterReason::Rejected, .. }));
-        assert_eq!(times.len(), 1);
     }
 }

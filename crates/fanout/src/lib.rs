@@ -8,9 +8,10 @@
 //! - [`backoff`]: the retry schedule as pure functions, and `Retry-After` parsing.
 //! - [`backend`]: a backend's address and the classification of an attempt's result.
 //! - [`forward`]: which headers cross to the backends, and the ids added to them.
-//! - [`delivery`]: one write on its way to every backend; the ack policy's decision; the in-flight bound.
-//! - [`ordering`]: per-user FIFO queues on each backend, so that a user's writes arrive in acceptance order.
-//! - [`outbox`]: the durable store of accepted writes (redb, group commits), read back at start.
+//! - [`delivery`]: accepting a write, the ack policy's decision, the bounds; one attempt over HTTP.
+//! - [`queue`]: one worker per backend draining its queue: per-user order, retries, breaker, retry budget.
+//! - [`breaker`]: the circuit breaker's state machine.
+//! - [`outbox`]: the store of accepted writes, queues and dead letters (redb, group commits).
 //! - [`replay`]: idempotent client replay by `Idempotency-Key`.
 //! - [`routes`]: the axum routers and the error type clients see.
 //! - [`metrics`]: every metric name and HELP text.
@@ -19,12 +20,13 @@
 
 pub mod backend;
 pub mod backoff;
+pub mod breaker;
 pub mod config;
 pub mod delivery;
 pub mod forward;
 pub mod metrics;
-pub mod ordering;
 pub mod outbox;
+pub mod queue;
 pub mod replay;
 pub mod routes;
 
@@ -88,16 +90,15 @@ pub async fn run(
              --no-outbox to deliver them"
         );
     }
-    let outbox = config.outbox_dir().map(outbox::Outbox::open).transpose().map_err(store_error)?;
-    let unfinished = match &outbox {
-        Some(o) => o.unfinished().await.map_err(store_error)?,
-        None => Vec::new(),
-    };
+    let outbox = match config.outbox_dir() {
+        Some(dir) => outbox::Outbox::open(dir),
+        None => outbox::Outbox::in_memory(),
+    }
+    .map_err(store_error)?;
+    let labels = pool.iter().map(|b| b.label().to_owned()).collect();
+    let startup = outbox.startup(labels).await.map_err(store_error)?;
     let window_ms = u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
-    let keys = match &outbox {
-        Some(o) => o.idempotency_keys(window_ms, outbox::now_ms()).await.map_err(store_error)?,
-        None => Vec::new(),
-    };
+    let keys = outbox.idempotency_keys(window_ms, outbox::now_ms()).await.map_err(store_error)?;
     let replays = replay::Replays::new(config.idempotency_window, keys, outbox::now_ms());
     let metrics = Metrics::new();
     let dispatcher = Dispatcher::new(
@@ -112,16 +113,23 @@ pub async fn run(
             attempt_timeout: config.attempt_timeout,
             ack: config.ack,
             max_in_flight: config.max_in_flight,
-            history: config.delivery_history,
+            max_pending: config.max_pending,
             pool_idle_timeout: config.pool_idle_timeout,
+            queue: queue::QueueSettings {
+                concurrency: config.backend_concurrency,
+                breaker_failures: config.breaker_failures,
+                budget_ratio: config.retry_budget_ratio,
+                budget_min_per_sec: config.retry_budget_min_per_sec,
+            },
         },
         metrics.clone(),
-        outbox,
+        outbox.clone(),
         replays,
+        &startup,
     )?;
-    let resumed = dispatcher.resume(unfinished);
-    if resumed > 0 {
-        tracing::info!(resumed, "resuming deliveries left in the outbox");
+    let pending: u64 = startup.backends.values().map(|c| c.pending).sum();
+    if pending > 0 || startup.orphaned > 0 {
+        tracing::info!(pending, orphaned = startup.orphaned, "resuming the queues left in the outbox");
     }
     let ordering_key = Some(config.ordering_key.trim()).filter(|k| !k.is_empty()).map(str::to_owned);
     let state = AppState {
@@ -151,22 +159,21 @@ pub async fn run(
             .into_future(),
     );
     let metrics_server = tokio::spawn(
-        axum::serve(metrics_listener, routes::metrics_router(metrics.clone()))
+        axum::serve(metrics_listener, routes::admin_router(metrics.clone(), dispatcher.clone()))
             .with_graceful_shutdown(signalled(metrics_stopped))
             .into_future(),
     );
     let upkeep = tokio::spawn({
         let metrics = metrics.clone();
-        let outbox = dispatcher.outbox();
+        let dispatcher = dispatcher.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut n: u64 = 0;
             loop {
                 tick.tick().await;
                 n += 1;
-                if let Some(o) = &outbox {
-                    o.tick(window_ms);
-                }
+                outbox.tick(window_ms);
+                metrics.in_flight().set(dispatcher.unfinished() as f64);
                 if n.is_multiple_of(UPKEEP_INTERVAL.as_secs()) {
                     metrics.run_upkeep();
                 }
@@ -176,7 +183,7 @@ pub async fn run(
 
     shutdown.await;
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
-    tracing::info!(in_flight = dispatcher.in_flight(), "shutting down: no new writes accepted");
+    tracing::info!(unfinished = dispatcher.unfinished(), "shutting down: no new writes accepted");
     let _ = stop_api.send(true);
     let pending = dispatcher.close(config.shutdown_timeout).await;
     if pending > 0 && dispatcher.durable() {

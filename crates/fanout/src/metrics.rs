@@ -36,10 +36,18 @@ pub const ATTEMPT_DURATION: &str = "fanout_attempt_duration_seconds";
 pub const RETRIES: &str = "fanout_retries_total";
 /// Deliveries to a backend that gave up, by reason.
 pub const DEAD_LETTERS: &str = "fanout_dead_letters_total";
-/// Deliveries not yet finished on every backend.
+/// Deliveries not yet finished on every backend (pending somewhere, or a dead letter somewhere).
 pub const IN_FLIGHT: &str = "fanout_deliveries_in_flight";
-/// Deliveries still pending for a backend.
+/// Entries in a backend's queue (on disk or in memory).
 pub const PENDING: &str = "fanout_pending_deliveries";
+/// Age of the oldest entry in a backend's queue, in seconds (0 when empty).
+pub const OLDEST_PENDING: &str = "fanout_oldest_pending_seconds";
+/// Dead letters a backend holds now (they go when redriven).
+pub const DEAD_LETTERS_NOW: &str = "fanout_dead_letters";
+/// A backend's circuit breaker: 0 closed, 1 open, 2 half-open.
+pub const BREAKER_STATE: &str = "fanout_breaker_state";
+/// Retries a backend's retry budget deferred.
+pub const BUDGET_EXHAUSTED: &str = "fanout_retry_budget_exhausted_total";
 /// 1 when the backend's last attempt got an HTTP answer, 0 when it failed to connect, timed out or broke.
 pub const BACKEND_UP: &str = "fanout_backend_up";
 /// Writes refused because `--max-in-flight` deliveries were already running.
@@ -117,12 +125,16 @@ impl Metrics {
                 Some(Unit::Seconds),
                 "Duration of one attempt, by backend and outcome.",
             ),
-            (RETRIES, Kind::Counter, None, "Retries scheduled per backend (attempts after the first)."),
+            (RETRIES, Kind::Counter, None, "Retries sent per backend (attempts after an entry's first)."),
             (DEAD_LETTERS, Kind::Counter, None, "Deliveries to a backend that gave up, by reason."),
-            (IN_FLIGHT, Kind::Gauge, None, "Deliveries not yet finished on every backend."),
-            (PENDING, Kind::Gauge, None, "Deliveries still pending for a backend."),
+            (IN_FLIGHT, Kind::Gauge, None, "Deliveries not finished on every backend (pending or dead letter)."),
+            (PENDING, Kind::Gauge, None, "Entries in a backend's queue, on disk or in memory."),
+            (OLDEST_PENDING, Kind::Gauge, Some(Unit::Seconds), "Age of the oldest entry in a backend's queue."),
+            (DEAD_LETTERS_NOW, Kind::Gauge, None, "Dead letters a backend holds now (until redriven)."),
+            (BREAKER_STATE, Kind::Gauge, None, "A backend's circuit breaker: 0 closed, 1 open, 2 half-open."),
+            (BUDGET_EXHAUSTED, Kind::Counter, None, "Retries deferred because the backend's retry budget was spent."),
             (BACKEND_UP, Kind::Gauge, None, "1 if the backend's last attempt got an HTTP answer, else 0."),
-            (REJECTED, Kind::Counter, None, "Writes refused with 503 because --max-in-flight was reached."),
+            (REJECTED, Kind::Counter, None, "Writes refused with 503 at --max-in-flight or --max-pending."),
         ];
         for (name, kind, unit, help) in describe {
             let key = KeyName::from_const_str(name);
@@ -175,6 +187,10 @@ impl Metrics {
                 .register_counter(&with(DEAD_LETTERS, "backend", Some(("reason", "exhausted"))), &METADATA),
             dead_rejected: r.register_counter(&with(DEAD_LETTERS, "backend", Some(("reason", "rejected"))), &METADATA),
             pending: r.register_gauge(&with(PENDING, "backend", None), &METADATA),
+            oldest_pending: r.register_gauge(&with(OLDEST_PENDING, "backend", None), &METADATA),
+            dead_letters: r.register_gauge(&with(DEAD_LETTERS_NOW, "backend", None), &METADATA),
+            breaker_state: r.register_gauge(&with(BREAKER_STATE, "backend", None), &METADATA),
+            budget_exhausted: r.register_counter(&with(BUDGET_EXHAUSTED, "backend", None), &METADATA),
             up: r.register_gauge(&with(BACKEND_UP, "backend", None), &METADATA),
             attempt_duration: Outcome::LABELS.map(attempt),
         };
@@ -184,6 +200,10 @@ impl Metrics {
         m.dead_exhausted.increment(0);
         m.dead_rejected.increment(0);
         m.pending.set(0.0);
+        m.oldest_pending.set(0.0);
+        m.dead_letters.set(0.0);
+        m.breaker_state.set(0.0);
+        m.budget_exhausted.increment(0);
         m
     }
 
@@ -252,6 +272,10 @@ pub struct BackendMetrics {
     dead_exhausted: Counter,
     dead_rejected: Counter,
     pending: Gauge,
+    oldest_pending: Gauge,
+    dead_letters: Gauge,
+    breaker_state: Gauge,
+    budget_exhausted: Counter,
     up: Gauge,
     attempt_duration: [Histogram; Outcome::LABELS.len()],
 }
@@ -270,7 +294,27 @@ impl BackendMetrics {
         self.attempt_duration[outcome.index()].record(elapsed.as_secs_f64());
     }
 
-    /// Counts one scheduled retry.
+    /// The gauge of the age of the oldest queue entry.
+    pub fn oldest_pending(&self) -> &Gauge {
+        &self.oldest_pending
+    }
+
+    /// The gauge of dead letters held now.
+    pub fn dead_letters(&self) -> &Gauge {
+        &self.dead_letters
+    }
+
+    /// The gauge of the breaker's state.
+    pub fn breaker_state(&self) -> &Gauge {
+        &self.breaker_state
+    }
+
+    /// Counts one retry deferred by the retry budget.
+    pub fn budget_exhausted(&self) {
+        self.budget_exhausted.increment(1);
+    }
+
+    /// Counts one retry sent.
     pub fn retry(&self) {
         self.retries.increment(1);
     }
@@ -283,7 +327,7 @@ impl BackendMetrics {
         }
     }
 
-    /// The gauge of deliveries pending for this backend.
+    /// The gauge of entries in this backend's queue.
     pub fn pending(&self) -> &Gauge {
         &self.pending
     }

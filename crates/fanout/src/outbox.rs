@@ -1,37 +1,44 @@
-//! The durable outbox: every accepted write is on disk, with each backend's part of it, before the client is
-//! told anything, and stays there until every backend has it (or gave up), so that a crash or restart of fanout
-//! loses no write (issue "no lost, duplicated or reordered writes").
+//! The outbox: every accepted write is stored, with each backend's queue entry for it, before the client is told
+//! anything, and stays there until every backend has it (or it became a dead letter there), so that a crash or
+//! restart of fanout loses no write and a dead backend costs disk, not memory (issues "no lost, duplicated or
+//! reordered writes" and "backend health and retry discipline").
 //!
 //! Storage is [redb](https://docs.rs/redb): an embedded, pure-Rust, ACID key-value store in one file
 //! (`DATA_DIR/outbox.redb`). It was chosen over SQLite (a C dependency and a SQL layer we do not need) and fjall
 //! (an LSM tree, built for write volumes far above ours): fanout needs small transactional updates of a few keys
-//! and range scans at start.
+//! and ordered range scans per backend. With `--no-outbox` the same tables live in redb's in-memory backend, so
+//! both modes run the same code; only durability differs.
 //!
-//! One writer thread owns every write transaction and **groups commits**: it takes every operation waiting in its
-//! queue (up to [`MAX_BATCH`]) into one transaction, so that many concurrent writes share one fsync. Acceptances
-//! are committed durably and their senders are answered only then; progress and completion records are
+//! One writer thread owns the database and **groups commits**: it takes every operation waiting in its queue (up
+//! to [`MAX_BATCH`]) into one transaction, so that many concurrent writes share one fsync. Acceptances and
+//! redrives are committed durably and their senders are answered only then; progress and completion records are
 //! committed without fsync (redb's `Durability::None`), so they reach the disk with the next durable commit, or
 //! within a second (the service's tick asks for an empty durable commit when there are any): after a crash, a
-//! backend's delivery may be attempted again, which the `Idempotency-Key` makes harmless.
+//! backend's delivery may be attempted again, which the `Idempotency-Key` makes harmless. Reads are served after
+//! the writes of their batch, so a reader sees every operation sent before it on the same handle.
 //!
-//! The writer thread alone holds the database: after a failed commit (a full disk, an I/O error) redb refuses
-//! every transaction until the database is reopened, so the writer closes it and reopens it for the next batch.
-//! Expired idempotency records are deleted at start and then every minute.
+//! After a failed commit (a full disk, an I/O error) redb refuses every transaction until the database is
+//! reopened, so the writer closes it and reopens it for the next batch.
 //!
 //! Tables:
 //! - `deliveries`: delivery id (u128) -> [`StoredDelivery`] (postcard): order, method, path, headers, body, key.
-//! - `pending`: (delivery id, backend index) -> [`BackendRow`] (postcard): attempts so far, next due time. A
-//!   row exists while that backend still needs the write.
+//! - `refs`: delivery id -> how many backends still hold it (queue entries plus dead letters); at 0 the
+//!   delivery is removed.
+//! - `queue`: (backend, acceptance order) -> [`QueueRow`]: the backend's queue, oldest first.
+//! - `dead`: (backend, acceptance order) -> [`DeadRow`]: the backend's dead letters.
+//! - `delivered`: (delivery id, backend) -> [`DeliveredRow`], for `GET /deliveries/{id}`; kept for the
+//!   idempotency window (the delivery id is a UUIDv7, so its age is in it).
 //! - `idempotency`: client `Idempotency-Key` -> [`KeyRecord`] (postcard), kept for the replay window.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,7 +51,10 @@ pub const MAX_BATCH: usize = 1024;
 const QUEUE: usize = 8192;
 
 const DELIVERIES: TableDefinition<u128, &[u8]> = TableDefinition::new("deliveries");
-const PENDING: TableDefinition<(u128, u16), &[u8]> = TableDefinition::new("pending");
+const REFS: TableDefinition<u128, u32> = TableDefinition::new("refs");
+const QUEUED: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead");
+const DELIVERED: TableDefinition<(u128, &str), &[u8]> = TableDefinition::new("delivered");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 
 /// A write as stored: everything needed to deliver it again after a restart.
@@ -104,24 +114,138 @@ impl StoredDelivery {
     }
 }
 
-/// One backend's progress on one delivery.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendRow {
-    /// Attempts made so far.
+/// One backend's queue entry for one delivery.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRow {
+    /// The delivery.
+    pub id: u128,
+    /// Attempts made so far (probes of an open breaker are not counted).
     pub attempts: u32,
     /// When the next attempt is due, milliseconds since the Unix epoch (0: at once).
-    pub next_due_ms: u64,
+    pub due_ms: u64,
+    /// The status of the last answer, if any.
+    pub last_status: Option<u16>,
+    /// The class of the last attempt ([`crate::backend::Outcome::as_str`]), if any.
+    pub last_outcome: Option<String>,
 }
 
-/// A delivery found in the outbox at start: what it is and which backends still need it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unfinished {
-    /// The delivery id.
+/// One backend's dead letter for one delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadRow {
+    /// The delivery.
     pub id: u128,
-    /// The stored write.
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why ([`crate::metrics::DeadLetterReason::as_str`]).
+    pub reason: String,
+    /// The status of the last answer, if any.
+    pub last_status: Option<u16>,
+    /// When it became a dead letter, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// One backend's successful delivery, kept for `GET /deliveries/{id}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveredRow {
+    /// Attempts made, the successful one included.
+    pub attempts: u32,
+    /// The backend's status (201).
+    pub status: u16,
+}
+
+/// A queue entry read back from the store, with its write.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Acceptance order.
+    pub seq: u64,
+    /// The entry.
+    pub row: QueueRow,
+    /// The write.
     pub delivery: StoredDelivery,
-    /// (backend index, its progress) for every backend that still needs it.
-    pub pending: Vec<(u16, BackendRow)>,
+}
+
+/// Where a delivery stands on one backend, as `GET /deliveries/{id}` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// In the backend's queue.
+    Pending,
+    /// The backend answered `201`.
+    Delivered,
+    /// In the backend's dead letters.
+    DeadLetter,
+}
+
+/// One backend's part of a delivery, as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendView {
+    /// The backend as written in `--backends`.
+    pub backend: String,
+    /// Where it stands.
+    pub state: BackendState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The status of the last answer, if any.
+    pub status: Option<u16>,
+    /// The class of the last attempt, if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// Why it became a dead letter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the next attempt is due (RFC 3339), while it waits in backoff.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+}
+
+/// A delivery as stored: when it was accepted and each backend's part.
+#[derive(Debug, Clone)]
+pub struct DeliveryView {
+    /// When it was accepted, milliseconds since the Unix epoch.
+    pub accepted_at_ms: u64,
+    /// One entry per backend of the pool at acceptance, in that order.
+    pub backends: Vec<BackendView>,
+}
+
+/// One dead letter, as `GET /dead-letters` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// The delivery id.
+    pub delivery_id: uuid::Uuid,
+    /// The backend that did not get the write.
+    pub backend: String,
+    /// Acceptance order (redrive keeps it).
+    pub seq: u64,
+    /// The route of the write (without its query string).
+    pub path: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why.
+    pub reason: String,
+    /// The status of the last answer, if any.
+    pub last_status: Option<u16>,
+    /// When it became a dead letter (RFC 3339).
+    pub dead_at: String,
+}
+
+/// What the store holds per backend at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendCounts {
+    /// Queue entries.
+    pub pending: u64,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+/// What [`Outbox::startup`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Startup {
+    /// Counts per backend of today's pool.
+    pub backends: HashMap<String, BackendCounts>,
+    /// The highest acceptance order stored (new ones continue after it).
+    pub max_seq: Option<u64>,
+    /// Queue entries of backends no longer in the pool, moved to their dead letters.
+    pub orphaned: u64,
 }
 
 /// A failure of the store. The message is for the log; clients get `503`.
@@ -135,42 +259,87 @@ impl StoreError {
     }
 }
 
+type Done<T> = oneshot::Sender<Result<T, StoreError>>;
+
 enum Op {
     Accept {
         id: u128,
+        seq: u64,
         record: Vec<u8>,
-        backends: u16,
+        backends: Vec<String>,
         key: Option<(String, Vec<u8>)>,
-        done: oneshot::Sender<Result<(), StoreError>>,
+        done: Done<()>,
     },
     Answer {
         key: String,
         record: Vec<u8>,
     },
     Flush {
-        done: oneshot::Sender<Result<(), StoreError>>,
+        done: Done<()>,
     },
-    Unfinished {
-        done: oneshot::Sender<Result<Vec<Unfinished>, StoreError>>,
+    Progress {
+        backend: Arc<str>,
+        seq: u64,
+        row: QueueRow,
     },
-    Keys {
-        window_ms: u64,
-        now: u64,
-        done: oneshot::Sender<Result<Vec<(String, KeyRecord)>, StoreError>>,
+    Delivered {
+        backend: Arc<str>,
+        seq: u64,
+        id: u128,
+        row: DeliveredRow,
+    },
+    DeadLetter {
+        backend: Arc<str>,
+        seq: u64,
+        row: DeadRow,
     },
     Tick {
         window_ms: u64,
     },
-    Progress {
-        id: u128,
-        backend: u16,
-        row: BackendRow,
+    Load {
+        backend: Arc<str>,
+        skip: HashSet<u64>,
+        limit: usize,
+        done: Done<Vec<Loaded>>,
     },
-    Finish {
-        id: u128,
-        backend: u16,
-        last: bool,
+    Redrive {
+        backend: Option<String>,
+        id: Option<u128>,
+        done: Done<Vec<(String, u64)>>,
     },
+    DeadLetters {
+        backend: Option<String>,
+        limit: usize,
+        done: Done<Vec<DeadLetter>>,
+    },
+    View {
+        id: u128,
+        done: Done<Option<DeliveryView>>,
+    },
+    Startup {
+        pool: Vec<String>,
+        done: Done<Startup>,
+    },
+    Keys {
+        window_ms: u64,
+        now: u64,
+        done: Done<Vec<(String, KeyRecord)>>,
+    },
+}
+
+impl Op {
+    /// True for the operations applied together in the batch's write transaction.
+    fn is_batched_write(&self) -> bool {
+        matches!(
+            self,
+            Op::Accept { .. }
+                | Op::Answer { .. }
+                | Op::Flush { .. }
+                | Op::Progress { .. }
+                | Op::Delivered { .. }
+                | Op::DeadLetter { .. }
+        )
+    }
 }
 
 /// Handle to the outbox. Cheap to clone.
@@ -179,6 +348,8 @@ pub struct Outbox {
     ops: mpsc::Sender<Op>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     healthy: Arc<AtomicBool>,
+    unfinished: Arc<AtomicU64>,
+    durable: bool,
 }
 
 impl Outbox {
@@ -190,21 +361,52 @@ impl Outbox {
         std::fs::create_dir_all(dir).map_err(StoreError::from)?;
         let path = dir.join("outbox.redb");
         let db = Database::create(&path).map_err(StoreError::from)?;
+        Self::start(db, Some(path))
+    }
+
+    /// The same tables in memory (`--no-outbox`): nothing survives the process.
+    ///
+    /// # Errors
+    /// When the writer thread cannot be started.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(StoreError::from)?;
+        Self::start(db, None)
+    }
+
+    fn start(db: Database, path: Option<PathBuf>) -> Result<Self, StoreError> {
         // Create the tables (and prove the file is writable) before accepting anything.
         let txn = db.begin_write().map_err(StoreError::from)?;
         txn.open_table(DELIVERIES).map_err(StoreError::from)?;
-        txn.open_table(PENDING).map_err(StoreError::from)?;
+        let unfinished = txn.open_table(REFS).map_err(StoreError::from)?.len().map_err(StoreError::from)?;
+        txn.open_table(QUEUED).map_err(StoreError::from)?;
+        txn.open_table(DEAD).map_err(StoreError::from)?;
+        txn.open_table(DELIVERED).map_err(StoreError::from)?;
         txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
         txn.commit().map_err(StoreError::from)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
-        let writer_state =
-            Writer { db: Some(db), path: path.clone(), healthy: healthy.clone(), dirty: false, ticks: 0 };
+        let unfinished = Arc::new(AtomicU64::new(unfinished));
+        let durable = path.is_some();
+        let writer_state = Writer {
+            db: Some(db),
+            path,
+            healthy: healthy.clone(),
+            unfinished: unfinished.clone(),
+            dirty: false,
+            ticks: 0,
+        };
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || writer_state.run(rx))
             .map_err(StoreError::from)?;
-        Ok(Self { ops: tx, writer: Arc::new(std::sync::Mutex::new(Some(handle))), healthy })
+        Ok(Self { ops: tx, writer: Arc::new(std::sync::Mutex::new(Some(handle))), healthy, unfinished, durable })
+    }
+
+    /// True when the store is a file (not `--no-outbox`).
+    pub fn durable(&self) -> bool {
+        self.durable
     }
 
     /// False after a failed commit, until one succeeds again (readiness reports it).
@@ -212,8 +414,13 @@ impl Outbox {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Deliveries stored and not yet finished on every backend (dead letters count as not finished).
+    pub fn unfinished(&self) -> u64 {
+        self.unfinished.load(Ordering::Relaxed)
+    }
+
     /// Once a second: makes recent progress durable when there was any, and (every minute) deletes expired
-    /// idempotency records, so that neither waits for the next write.
+    /// idempotency and delivered records, so that neither waits for the next write.
     pub fn tick(&self, window_ms: u64) {
         let _ = self.ops.try_send(Op::Tick { window_ms });
     }
@@ -228,7 +435,14 @@ impl Outbox {
         }
     }
 
-    /// Stores a new delivery for `backends` backends (all pending), durably: resolves once it is on disk.
+    async fn call<T>(&self, op: impl FnOnce(Done<T>) -> Op) -> Result<T, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.ops.send(op(done)).await.map_err(|_| gone())?;
+        wait.await.map_err(|_| gone())?
+    }
+
+    /// Stores a new delivery with acceptance order `seq` and one queue entry per backend of `backends` (labels),
+    /// durably: resolves once it is on disk.
     ///
     /// # Errors
     /// When the store fails or its writer is gone; nothing must be sent then.
@@ -236,7 +450,6 @@ impl Outbox {
         &self,
         id: u128,
         delivery: &StoredDelivery,
-        backends: u16,
         key: Option<(&str, &KeyRecord)>,
     ) -> Result<(), StoreError> {
         let record = postcard::to_allocvec(delivery).map_err(StoreError::from)?;
@@ -244,18 +457,69 @@ impl Outbox {
             Some((k, r)) => Some((k.to_owned(), postcard::to_allocvec(r).map_err(StoreError::from)?)),
             None => None,
         };
-        let (done, wait) = oneshot::channel();
-        self.ops
-            .send(Op::Accept { id, record, backends, key, done })
-            .await
-            .map_err(|_| StoreError("the writer thread is gone".into()))?;
-        wait.await.map_err(|_| StoreError("the writer thread is gone".into()))?
+        let backends = delivery.backends.clone();
+        let seq = delivery.seq;
+        self.call(|done| Op::Accept { id, seq, record, backends, key, done }).await
     }
 
-    /// Records a backend's progress (not fsynced on its own). Advisory: dropped when the writer's queue is full
-    /// (a restart then repeats an attempt or two, which the schedule and `Idempotency-Key` absorb).
-    pub fn progress(&self, id: u128, backend: u16, row: BackendRow) {
-        let _ = self.ops.try_send(Op::Progress { id, backend, row });
+    /// Records a queue entry's progress (not fsynced on its own). Advisory: dropped when the writer's queue is
+    /// full (a restart then repeats an attempt or two, which the schedule and `Idempotency-Key` absorb).
+    pub fn progress(&self, backend: &Arc<str>, seq: u64, row: QueueRow) {
+        let _ = self.ops.try_send(Op::Progress { backend: backend.clone(), seq, row });
+    }
+
+    /// Removes a backend's queue entry after a `201`; removes the delivery once no backend holds it.
+    pub async fn delivered(&self, backend: &Arc<str>, seq: u64, id: u128, row: DeliveredRow) {
+        let _ = self.ops.send(Op::Delivered { backend: backend.clone(), seq, id, row }).await;
+    }
+
+    /// Moves a backend's queue entry to its dead letters.
+    pub async fn dead_letter(&self, backend: &Arc<str>, seq: u64, row: DeadRow) {
+        let _ = self.ops.send(Op::DeadLetter { backend: backend.clone(), seq, row }).await;
+    }
+
+    /// Up to `limit` queue entries of `backend`, oldest first, leaving out the orders in `skip` (the entries the
+    /// caller holds already), each with its write.
+    ///
+    /// # Errors
+    /// When the store cannot be read, or a record does not decode.
+    pub async fn load(&self, backend: &Arc<str>, skip: HashSet<u64>, limit: usize) -> Result<Vec<Loaded>, StoreError> {
+        let backend = backend.clone();
+        self.call(|done| Op::Load { backend, skip, limit, done }).await
+    }
+
+    /// Moves dead letters back to their backend's queue with fresh attempts, durably: those of one backend, of
+    /// one delivery, of both, or all. Returns the (backend, order) of every entry moved.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn redrive(&self, backend: Option<String>, id: Option<u128>) -> Result<Vec<(String, u64)>, StoreError> {
+        self.call(|done| Op::Redrive { backend, id, done }).await
+    }
+
+    /// Up to `limit` dead letters, of one backend or all, oldest first per backend.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn dead_letters(&self, backend: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.call(|done| Op::DeadLetters { backend, limit, done }).await
+    }
+
+    /// A delivery as stored, if it is known.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn view(&self, id: u128) -> Result<Option<DeliveryView>, StoreError> {
+        self.call(|done| Op::View { id, done }).await
+    }
+
+    /// At start: counts what each backend of `pool` holds, and moves the queue entries of backends no longer in
+    /// the pool to their dead letters (reason `backend_removed`), so that nothing is dropped silently.
+    ///
+    /// # Errors
+    /// When the store cannot be read or written.
+    pub async fn startup(&self, pool: Vec<String>) -> Result<Startup, StoreError> {
+        self.call(|done| Op::Startup { pool, done }).await
     }
 
     /// Makes everything recorded so far durable (one fsync); used at shutdown.
@@ -263,9 +527,7 @@ impl Outbox {
     /// # Errors
     /// When the store fails or its writer is gone.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let (done, wait) = oneshot::channel();
-        self.ops.send(Op::Flush { done }).await.map_err(|_| StoreError("the writer thread is gone".into()))?;
-        wait.await.map_err(|_| StoreError("the writer thread is gone".into()))?
+        self.call(|done| Op::Flush { done }).await
     }
 
     /// Records the answer given under an idempotency key (not fsynced on its own; advisory like progress).
@@ -275,40 +537,12 @@ impl Outbox {
         }
     }
 
-    /// Removes one backend's pending row without waiting (a backend that left the pool).
-    pub fn drop_pending(&self, id: u128, backend: u16) {
-        let _ = self.ops.try_send(Op::Finish { id, backend, last: false });
-    }
-
-    /// Removes a delivery that no backend of the pool needs any more.
-    pub fn drop_delivery(&self, id: u128) {
-        let _ = self.ops.try_send(Op::Finish { id, backend: u16::MAX, last: true });
-    }
-
-    /// Records that a backend is done with a delivery (delivered or dead letter); `last` when it was the last
-    /// backend pending, which removes the delivery itself.
-    pub async fn finish(&self, id: u128, backend: u16, last: bool) {
-        let _ = self.ops.send(Op::Finish { id, backend, last }).await;
-    }
-
-    /// Every delivery still pending for some backend, in acceptance order.
-    ///
-    /// # Errors
-    /// When the store cannot be read, or a record does not decode.
-    pub async fn unfinished(&self) -> Result<Vec<Unfinished>, StoreError> {
-        let (done, wait) = oneshot::channel();
-        self.ops.send(Op::Unfinished { done }).await.map_err(|_| gone())?;
-        wait.await.map_err(|_| gone())?
-    }
-
     /// The idempotency records younger than `window_ms`, oldest first; older ones are deleted.
     ///
     /// # Errors
     /// When the store cannot be read or written.
     pub async fn idempotency_keys(&self, window_ms: u64, now: u64) -> Result<Vec<(String, KeyRecord)>, StoreError> {
-        let (done, wait) = oneshot::channel();
-        self.ops.send(Op::Keys { window_ms, now, done }).await.map_err(|_| gone())?;
-        wait.await.map_err(|_| gone())?
+        self.call(|done| Op::Keys { window_ms, now, done }).await
     }
 }
 
@@ -316,64 +550,39 @@ fn gone() -> StoreError {
     StoreError("the writer thread is gone".into())
 }
 
-fn read_unfinished(db: &Database) -> Result<Vec<Unfinished>, StoreError> {
-    let txn = db.begin_read().map_err(StoreError::from)?;
-    let deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
-    let pending = txn.open_table(PENDING).map_err(StoreError::from)?;
-    let mut out = Vec::new();
-    for entry in deliveries.iter().map_err(StoreError::from)? {
-        let (id, record) = entry.map_err(StoreError::from)?;
-        let id = id.value();
-        let delivery: StoredDelivery = postcard::from_bytes(record.value()).map_err(StoreError::from)?;
-        let mut rows = Vec::new();
-        for row in pending.range((id, 0)..=(id, u16::MAX)).map_err(StoreError::from)? {
-            let (key, value) = row.map_err(StoreError::from)?;
-            rows.push((key.value().1, postcard::from_bytes(value.value()).map_err(StoreError::from)?));
-        }
-        if !rows.is_empty() {
-            out.push(Unfinished { id, delivery, pending: rows });
-        }
-    }
-    out.sort_by_key(|u| u.delivery.seq);
-    Ok(out)
-}
-
-/// Deletes the idempotency records older than `window_ms`; returns the others, oldest first.
-fn prune_keys(db: &Database, window_ms: u64, now: u64) -> Result<Vec<(String, KeyRecord)>, StoreError> {
-    let txn = db.begin_write().map_err(StoreError::from)?;
-    let mut keep = Vec::new();
-    {
-        let mut table = txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
-        let mut expired = Vec::new();
-        for row in table.iter().map_err(StoreError::from)? {
-            let (k, v) = row.map_err(StoreError::from)?;
-            let record: KeyRecord = postcard::from_bytes(v.value()).map_err(StoreError::from)?;
-            if now.saturating_sub(record.at_ms) > window_ms {
-                expired.push(k.value().to_owned());
-            } else {
-                keep.push((k.value().to_owned(), record));
-            }
-        }
-        for k in expired {
-            table.remove(k.as_str()).map_err(StoreError::from)?;
-        }
-    }
-    txn.commit().map_err(StoreError::from)?;
-    keep.sort_by_key(|(_, r)| r.at_ms);
-    Ok(keep)
-}
-
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The acceptance time in a UUIDv7 delivery id, milliseconds since the Unix epoch (0 for another version).
+pub fn id_time_ms(id: u128) -> u64 {
+    uuid::Uuid::from_u128(id).get_timestamp().map_or(0, |t| {
+        let (secs, nanos) = t.to_unix();
+        secs * 1000 + u64::from(nanos / 1_000_000)
+    })
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(StoreError::from)
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(value).map_err(StoreError::from)
 }
 
 /// The writer thread's state: it alone holds the database, so that it can close and reopen it after an I/O
 /// error (redb refuses every transaction after one until then).
 struct Writer {
     db: Option<Database>,
-    path: PathBuf,
+    /// The file; `None` for the in-memory store (which is never reopened: it cannot fail on I/O).
+    path: Option<PathBuf>,
     healthy: Arc<AtomicBool>,
+    unfinished: Arc<AtomicU64>,
     /// A commit without fsync happened since the last one with.
     dirty: bool,
     ticks: u64,
@@ -396,9 +605,11 @@ impl Writer {
 
     /// The database, reopened if a failure closed it.
     fn db(&mut self) -> Result<&Database, StoreError> {
-        if self.db.is_none() {
-            self.db = Some(Database::create(&self.path).map_err(StoreError::from)?);
-            tracing::info!(path = %self.path.display(), "outbox reopened");
+        if self.db.is_none()
+            && let Some(path) = &self.path
+        {
+            self.db = Some(Database::create(path).map_err(StoreError::from)?);
+            tracing::info!(path = %path.display(), "outbox reopened");
         }
         self.db.as_ref().ok_or_else(gone)
     }
@@ -406,165 +617,395 @@ impl Writer {
     fn failed(&mut self, e: &StoreError) {
         tracing::error!(error = %e, "outbox failure: the database is closed and will be reopened");
         self.healthy.store(false, Ordering::Relaxed);
-        self.db = None;
+        if self.path.is_some() {
+            self.db = None;
+        }
+    }
+
+    /// Runs `f` in a write transaction of its own (durable), handling a failure like a failed batch.
+    fn own_txn<T>(
+        &mut self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let r = self.db().and_then(|db| {
+            let txn = db.begin_write().map_err(StoreError::from)?;
+            let out = f(&txn)?;
+            txn.commit().map_err(StoreError::from)?;
+            Ok(out)
+        });
+        match &r {
+            Ok(_) => self.dirty = false,
+            Err(e) => self.failed(e),
+        }
+        r
     }
 
     fn handle(&mut self, batch: Vec<Op>) {
-        let mut writes = Vec::with_capacity(batch.len());
-        for op in batch {
+        let (mut writes, others): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(Op::is_batched_write);
+        for op in &others {
+            if matches!(op, Op::Tick { .. }) && self.dirty {
+                // An empty commit with fsync makes every earlier commit without it durable.
+                let (done, _) = oneshot::channel();
+                writes.push(Op::Flush { done });
+            }
+        }
+        if !writes.is_empty() {
+            let durable = writes.iter().any(|op| matches!(op, Op::Accept { .. } | Op::Flush { .. }));
+            let result = self.db().and_then(|db| apply(db, &writes, durable));
+            let result = match result {
+                Ok(delta) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    self.dirty = !durable;
+                    let (added, removed) = delta;
+                    self.unfinished.fetch_add(added, Ordering::Relaxed);
+                    self.unfinished.fetch_sub(removed.min(self.unfinished.load(Ordering::Relaxed)), Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    Err(e)
+                }
+            };
+            for op in writes {
+                if let Op::Accept { done, .. } | Op::Flush { done } = op {
+                    let _ = done.send(result.clone());
+                }
+            }
+        }
+        // Reads and admin operations come after the batch's writes: they see every operation sent before them.
+        for op in others {
             match op {
-                Op::Unfinished { done } => {
-                    let r = self.db().and_then(read_unfinished);
-                    let _ = done.send(r);
-                }
-                Op::Keys { window_ms, now, done } => {
-                    let r = self.db().and_then(|db| prune_keys(db, window_ms, now));
-                    if let Err(e) = &r {
-                        self.failed(e);
-                    }
-                    let _ = done.send(r);
-                }
                 Op::Tick { window_ms } => {
                     self.ticks += 1;
                     if self.ticks.is_multiple_of(60) {
-                        let r = self.db().and_then(|db| prune_keys(db, window_ms, now_ms()));
-                        if let Err(e) = &r {
-                            self.failed(e);
-                        }
-                    }
-                    if self.dirty {
-                        // An empty commit with fsync makes every earlier commit without it durable.
-                        let (done, _) = oneshot::channel();
-                        writes.push(Op::Flush { done });
+                        let now = now_ms();
+                        let _ = self.own_txn(|txn| prune(txn, window_ms, now).map(|_| ()));
                     }
                 }
-                other => writes.push(other),
-            }
-        }
-        if writes.is_empty() {
-            return;
-        }
-        let durable = writes.iter().any(|op| matches!(op, Op::Accept { .. } | Op::Flush { .. }));
-        let result = self.db().and_then(|db| apply(db, &writes, durable));
-        match &result {
-            Ok(()) => {
-                self.healthy.store(true, Ordering::Relaxed);
-                self.dirty = !durable;
-            }
-            Err(e) => self.failed(e),
-        }
-        for op in writes {
-            if let Op::Accept { done, .. } | Op::Flush { done } = op {
-                let _ = done.send(result.clone());
+                Op::Keys { window_ms, now, done } => {
+                    let r = self.own_txn(|txn| prune(txn, window_ms, now));
+                    let _ = done.send(r);
+                }
+                Op::Load { backend, skip, limit, done } => {
+                    let r = self.db().and_then(|db| load(db, &backend, &skip, limit));
+                    let _ = done.send(r);
+                }
+                Op::DeadLetters { backend, limit, done } => {
+                    let r = self.db().and_then(|db| list_dead(db, backend.as_deref(), limit));
+                    let _ = done.send(r);
+                }
+                Op::View { id, done } => {
+                    let r = self.db().and_then(|db| view(db, id));
+                    let _ = done.send(r);
+                }
+                Op::Redrive { backend, id, done } => {
+                    let r = self.own_txn(|txn| redrive(txn, backend.as_deref(), id));
+                    let _ = done.send(r);
+                }
+                Op::Startup { pool, done } => {
+                    let r = self.own_txn(|txn| startup(txn, &pool));
+                    let _ = done.send(r);
+                }
+                _ => {}
             }
         }
     }
 }
 
-fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(), StoreError> {
+/// Applies a batch of writes in one transaction; returns (deliveries added, deliveries removed).
+#[expect(clippy::collapsible_match, reason = "a guard that removes a row would hide a write in a condition")]
+fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(u64, u64), StoreError> {
     let mut txn = db.begin_write().map_err(StoreError::from)?;
     if !durable {
         txn.set_durability(Durability::None).map_err(StoreError::from)?;
     }
+    let (mut added, mut removed) = (0, 0);
     {
         let mut deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
-        let mut pending = txn.open_table(PENDING).map_err(StoreError::from)?;
+        let mut refs = txn.open_table(REFS).map_err(StoreError::from)?;
+        let mut queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
+        let mut dead = txn.open_table(DEAD).map_err(StoreError::from)?;
+        let mut delivered = txn.open_table(DELIVERED).map_err(StoreError::from)?;
         let mut keys = txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
-        let fresh = postcard::to_allocvec(&BackendRow::default()).map_err(StoreError::from)?;
         for op in batch {
             match op {
-                Op::Accept { id, record, backends, key, .. } => {
+                Op::Accept { id, seq, record, backends, key, .. } => {
                     deliveries.insert(*id, record.as_slice()).map_err(StoreError::from)?;
-                    for b in 0..*backends {
-                        pending.insert((*id, b), fresh.as_slice()).map_err(StoreError::from)?;
+                    refs.insert(*id, u32::try_from(backends.len()).unwrap_or(u32::MAX)).map_err(StoreError::from)?;
+                    let fresh = encode(&QueueRow { id: *id, ..QueueRow::default() })?;
+                    for b in backends {
+                        queue.insert((b.as_str(), *seq), fresh.as_slice()).map_err(StoreError::from)?;
                     }
                     if let Some((k, r)) = key {
                         keys.insert(k.as_str(), r.as_slice()).map_err(StoreError::from)?;
                     }
+                    added += 1;
                 }
-                Op::Flush { .. } | Op::Unfinished { .. } | Op::Keys { .. } | Op::Tick { .. } => {}
                 Op::Answer { key, record } => {
                     if keys.get(key.as_str()).map_err(StoreError::from)?.is_some() {
                         keys.insert(key.as_str(), record.as_slice()).map_err(StoreError::from)?;
                     }
                 }
-                Op::Progress { id, backend, row } => {
-                    // Only while still pending: a late progress record must not revive a finished backend.
-                    if pending.get((*id, *backend)).map_err(StoreError::from)?.is_some() {
-                        let value = postcard::to_allocvec(row).map_err(StoreError::from)?;
-                        pending.insert((*id, *backend), value.as_slice()).map_err(StoreError::from)?;
+                Op::Progress { backend, seq, row } => {
+                    // Only while still queued: a late progress record must not revive a finished entry.
+                    if queue.get((&**backend, *seq)).map_err(StoreError::from)?.is_some() {
+                        queue.insert((&**backend, *seq), encode(row)?.as_slice()).map_err(StoreError::from)?;
                     }
                 }
-                Op::Finish { id, backend, last } => {
-                    pending.remove((*id, *backend)).map_err(StoreError::from)?;
-                    if *last {
-                        deliveries.remove(*id).map_err(StoreError::from)?;
+                Op::Delivered { backend, seq, id, row } => {
+                    if queue.remove((&**backend, *seq)).map_err(StoreError::from)?.is_some() {
+                        delivered.insert((*id, &**backend), encode(row)?.as_slice()).map_err(StoreError::from)?;
+                        let left = refs.get(*id).map_err(StoreError::from)?.map_or(0, |v| v.value()).saturating_sub(1);
+                        if left == 0 {
+                            refs.remove(*id).map_err(StoreError::from)?;
+                            deliveries.remove(*id).map_err(StoreError::from)?;
+                            removed += 1;
+                        } else {
+                            refs.insert(*id, left).map_err(StoreError::from)?;
+                        }
                     }
                 }
+                Op::DeadLetter { backend, seq, row } => {
+                    if queue.remove((&**backend, *seq)).map_err(StoreError::from)?.is_some() {
+                        dead.insert((&**backend, *seq), encode(row)?.as_slice()).map_err(StoreError::from)?;
+                    }
+                }
+                _ => {}
             }
         }
     }
-    txn.commit().map_err(StoreError::from)
+    txn.commit().map_err(StoreError::from)?;
+    Ok((added, removed))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("fanout-outbox-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
-    }
-
-    fn write(seq: u64) -> StoredDelivery {
-        StoredDelivery {
-            seq,
-            accepted_at_ms: 1,
-            method: "POST".into(),
-            path_and_query: "/register".into(),
-            headers: vec![("content-type".into(), b"application/x-www-form-urlencoded".to_vec())],
-            body: format!("username=u{seq}&password=p").into_bytes(),
-            ordering_key: Some(format!("u{seq}")),
-            backends: vec!["a:1".into(), "b:1".into(), "c:1".into()],
+fn load(db: &Database, backend: &str, skip: &HashSet<u64>, limit: usize) -> Result<Vec<Loaded>, StoreError> {
+    let txn = db.begin_read().map_err(StoreError::from)?;
+    let queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
+    let deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
+    let mut out = Vec::new();
+    for entry in queue.range((backend, 0)..=(backend, u64::MAX)).map_err(StoreError::from)? {
+        if out.len() >= limit {
+            break;
         }
+        let (k, v) = entry.map_err(StoreError::from)?;
+        let seq = k.value().1;
+        if skip.contains(&seq) {
+            continue;
+        }
+        let row: QueueRow = decode(v.value())?;
+        let Some(record) = deliveries.get(row.id).map_err(StoreError::from)? else {
+            tracing::error!(backend, seq, "outbox: a queue entry without its write; skipped");
+            continue;
+        };
+        out.push(Loaded { seq, delivery: decode(record.value())?, row });
     }
+    Ok(out)
+}
 
-    #[tokio::test]
-    async fn accepted_writes_survive_a_reopen_until_every_backend_finished() {
-        let dir = temp_dir("reopen");
-        {
-            let outbox = Outbox::open(&dir).expect("open");
-            for seq in 0..3u64 {
-                outbox.accept(u128::from(seq) + 100, &write(seq), 3, None).await.expect("accept");
+fn list_dead(db: &Database, backend: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    let txn = db.begin_read().map_err(StoreError::from)?;
+    let dead = txn.open_table(DEAD).map_err(StoreError::from)?;
+    let deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
+    let range = match backend {
+        Some(b) => dead.range((b, 0)..=(b, u64::MAX)),
+        None => dead.range::<(&str, u64)>(..),
+    }
+    .map_err(StoreError::from)?;
+    let mut out = Vec::new();
+    for entry in range.take(limit) {
+        let (k, v) = entry.map_err(StoreError::from)?;
+        let (b, seq) = k.value();
+        let row: DeadRow = decode(v.value())?;
+        let path = match deliveries.get(row.id).map_err(StoreError::from)? {
+            Some(record) => {
+                let d: StoredDelivery = decode(record.value())?;
+                d.path_and_query.split('?').next().unwrap_or_default().to_owned()
             }
-            outbox.progress(100, 1, BackendRow { attempts: 4, next_due_ms: 77 });
-            outbox.finish(100, 0, false).await;
-            outbox.finish(101, 0, false).await;
-            outbox.finish(101, 1, false).await;
-            outbox.finish(101, 2, true).await;
-            // A durable commit after the non-durable ones makes them durable too.
-            let key = KeyRecord { delivery_id: 200, body_hash: [1; 32], at_ms: now_ms(), answer: None };
-            outbox.accept(200, &write(9), 3, Some(("client-key", &key))).await.expect("accept");
-            outbox.close();
-        }
-        let outbox = Outbox::open(&dir).expect("reopen");
-        let left = outbox.unfinished().await.expect("read");
-        let ids: Vec<u128> = left.iter().map(|u| u.id).collect();
-        assert_eq!(ids, [100, 102, 200], "in acceptance order, the finished one gone");
-        assert_eq!(left[0].pending, [(1, BackendRow { attempts: 4, next_due_ms: 77 }), (2, BackendRow::default())]);
-        assert_eq!(left[0].delivery, write(0));
-        assert_eq!(left.last().map(|u| u.delivery.seq), Some(9));
-        let keys = outbox.idempotency_keys(60_000, now_ms()).await.expect("keys");
-        assert_eq!(keys.len(), 1);
-        assert_eq!(keys[0].0, "client-key");
-        assert!(outbox.idempotency_keys(0, now_ms() + 10).await.expect("keys").is_empty(), "expired ones are deleted");
-        let _ = std::fs::remove_dir_all(&dir);
+            None => String::new(),
+        };
+        out.push(DeadLetter {
+            delivery_id: uuid::Uuid::from_u128(row.id),
+            backend: b.to_owned(),
+            seq,
+            path,
+            attempts: row.attempts,
+            reason: row.reason,
+            last_status: row.last_status,
+            dead_at: rfc3339_ms(row.at_ms),
+        });
     }
+    Ok(out)
+}
 
-    #[test]
-    fn an_unwritable_directory_is_refused() {
-        let err = Outbox::open(Path::new("/proc/fanout-cannot-write-here")).err().expect("refused");
-        assert!(err.to_string().starts_with("outbox: "), "{err}");
+fn view(db: &Database, id: u128) -> Result<Option<DeliveryView>, StoreError> {
+    let txn = db.begin_read().map_err(StoreError::from)?;
+    let deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
+    let queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
+    let dead = txn.open_table(DEAD).map_err(StoreError::from)?;
+    let delivered = txn.open_table(DELIVERED).map_err(StoreError::from)?;
+    let delivered_view = |backend: &str, row: DeliveredRow| BackendView {
+        backend: backend.to_owned(),
+        state: BackendState::Delivered,
+        attempts: row.attempts,
+        status: Some(row.status),
+        outcome: Some("success".to_owned()),
+        reason: None,
+        next_attempt_at: None,
+    };
+    let Some(record) = deliveries.get(id).map_err(StoreError::from)? else {
+        // Finished on every backend: what is left is the delivered rows, while the window keeps them.
+        let mut backends = Vec::new();
+        for entry in delivered.range((id, "")..).map_err(StoreError::from)? {
+            let (k, v) = entry.map_err(StoreError::from)?;
+            let (row_id, backend) = k.value();
+            if row_id != id {
+                break;
+            }
+            backends.push(delivered_view(backend, decode(v.value())?));
+        }
+        if backends.is_empty() {
+            return Ok(None);
+        }
+        return Ok(Some(DeliveryView { accepted_at_ms: id_time_ms(id), backends }));
+    };
+    let d: StoredDelivery = decode(record.value())?;
+    let mut backends = Vec::with_capacity(d.backends.len());
+    for b in &d.backends {
+        let b = b.as_str();
+        let view = if let Some(v) = queue.get((b, d.seq)).map_err(StoreError::from)? {
+            let row: QueueRow = decode(v.value())?;
+            BackendView {
+                backend: b.to_owned(),
+                state: BackendState::Pending,
+                attempts: row.attempts,
+                status: row.last_status,
+                outcome: row.last_outcome,
+                reason: None,
+                next_attempt_at: (row.due_ms > now_ms()).then(|| rfc3339_ms(row.due_ms)),
+            }
+        } else if let Some(v) = dead.get((b, d.seq)).map_err(StoreError::from)? {
+            let row: DeadRow = decode(v.value())?;
+            BackendView {
+                backend: b.to_owned(),
+                state: BackendState::DeadLetter,
+                attempts: row.attempts,
+                status: row.last_status,
+                outcome: None,
+                reason: Some(row.reason),
+                next_attempt_at: None,
+            }
+        } else if let Some(v) = delivered.get((id, b)).map_err(StoreError::from)? {
+            delivered_view(b, decode(v.value())?)
+        } else {
+            continue;
+        };
+        backends.push(view);
     }
+    Ok(Some(DeliveryView { accepted_at_ms: d.accepted_at_ms, backends }))
+}
+
+fn redrive(
+    txn: &redb::WriteTransaction,
+    backend: Option<&str>,
+    id: Option<u128>,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut dead = txn.open_table(DEAD).map_err(StoreError::from)?;
+    let mut queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
+    let mut moved = Vec::new();
+    {
+        let range = match backend {
+            Some(b) => dead.range((b, 0)..=(b, u64::MAX)),
+            None => dead.range::<(&str, u64)>(..),
+        }
+        .map_err(StoreError::from)?;
+        for entry in range {
+            let (k, v) = entry.map_err(StoreError::from)?;
+            let row: DeadRow = decode(v.value())?;
+            if id.is_none_or(|id| id == row.id) {
+                let (b, seq) = k.value();
+                moved.push((b.to_owned(), seq, row.id));
+            }
+        }
+    }
+    for (b, seq, row_id) in &moved {
+        dead.remove((b.as_str(), *seq)).map_err(StoreError::from)?;
+        queue
+            .insert((b.as_str(), *seq), encode(&QueueRow { id: *row_id, ..QueueRow::default() })?.as_slice())
+            .map_err(StoreError::from)?;
+    }
+    Ok(moved.into_iter().map(|(b, seq, _)| (b, seq)).collect())
+}
+
+fn startup(txn: &redb::WriteTransaction, pool: &[String]) -> Result<Startup, StoreError> {
+    let mut out = Startup::default();
+    for b in pool {
+        out.backends.insert(b.clone(), BackendCounts::default());
+    }
+    let mut queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
+    let mut dead = txn.open_table(DEAD).map_err(StoreError::from)?;
+    let mut orphans = Vec::new();
+    for entry in queue.iter().map_err(StoreError::from)? {
+        let (k, v) = entry.map_err(StoreError::from)?;
+        let (b, seq) = k.value();
+        out.max_seq = out.max_seq.max(Some(seq));
+        match out.backends.get_mut(b) {
+            Some(counts) => counts.pending += 1,
+            None => orphans.push((b.to_owned(), seq, decode::<QueueRow>(v.value())?)),
+        }
+    }
+    for entry in dead.iter().map_err(StoreError::from)? {
+        let (k, _) = entry.map_err(StoreError::from)?;
+        let (b, seq) = k.value();
+        out.max_seq = out.max_seq.max(Some(seq));
+        if let Some(counts) = out.backends.get_mut(b) {
+            counts.dead += 1;
+        }
+    }
+    for (b, seq, row) in orphans {
+        tracing::error!(
+            backend = %b,
+            delivery_id = %uuid::Uuid::from_u128(row.id),
+            "dead letter: this backend is no longer in --backends and will not get this write"
+        );
+        queue.remove((b.as_str(), seq)).map_err(StoreError::from)?;
+        let row = DeadRow {
+            id: row.id,
+            attempts: row.attempts,
+            reason: "backend_removed".to_owned(),
+            last_status: row.last_status,
+            at_ms: now_ms(),
+        };
+        dead.insert((b.as_str(), seq), encode(&row)?.as_slice()).map_err(StoreError::from)?;
+        out.orphaned += 1;
+    }
+    Ok(out)
+}
+
+/// Deletes the idempotency records older than `window_ms` and the delivered records of deliveries older than
+/// it; returns the idempotency records kept, oldest first.
+fn prune(txn: &redb::WriteTransaction, window_ms: u64, now: u64) -> Result<Vec<(String, KeyRecord)>, StoreError> {
+    let mut keep = Vec::new();
+    {
+        let mut table = txn.open_table(IDEMPOTENCY).map_err(StoreError::from)?;
+        let mut expired = Vec::new();
+        for row in table.iter().map_err(StoreError::from)? {
+            let (k, v) = row.map_err(StoreError::from)?;
+            let record: KeyRecord = decode(v.value())?;
+            if now.saturating_sub(record.at_ms) > window_ms {
+                expired.push(k.value().to_owned());
+            } else {
+                keep.push((k.value().to_owned(), record));
+            }
+        }
+        for k in expired {
+            table.remove(k.as_str()).map_err(StoreError::from)?;
+        }
+    }
+    {
+        let mut delivered = txn.open_table(DELIVERED).map_err(StoreError::from)?;
+        // Ids are UUIDv7: ordered by time, so the expired ones come first.
+        delivered.retain(|(id, _), _| now.saturating_sub(id_time_ms(id)) <= window_ms).map_err(StoreError::from)?;
+    }
+    keep.sort_by_key(|(_, r)| r.at_ms);
+    Ok(keep)
 }

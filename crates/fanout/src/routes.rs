@@ -2,23 +2,23 @@
 //! metrics router, and the one place that turns an [`ApiError`] into what a client sees.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, OriginalUri, Path, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, OriginalUri, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::config::AckPolicy;
-use crate::delivery::{Answer, Decision, DeliveryStatus, Dispatcher, Reply, SubmitError};
+use crate::delivery::{Answer, Decision, Dispatcher, Reply, SubmitError, Summary};
 use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
 use crate::metrics::Metrics;
 use crate::replay::{self, Check, KeyRecord, StoredAnswer};
@@ -67,8 +67,14 @@ pub enum ApiError {
     #[error("the write could not be stored; nothing was sent, retry later")]
     StoreUnavailable,
     /// A delivery id that is unknown or was forgotten.
-    #[error("no recent delivery with this id")]
+    #[error("no delivery with this id (finished ones are kept for --idempotency-window)")]
     UnknownDelivery,
+    /// A backend that is not in the pool.
+    #[error("no backend {0:?} in --backends")]
+    UnknownBackend(String),
+    /// A bad query string on an admin route.
+    #[error("bad query: {0}")]
+    BadQuery(String),
     /// The delivery task ended without a decision (it panicked); the delivery state is unknown.
     #[error("internal error")]
     Internal,
@@ -81,7 +87,8 @@ impl IntoResponse for ApiError {
             ApiError::BadHeader(_) => StatusCode::BAD_REQUEST,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::UnknownDelivery => StatusCode::NOT_FOUND,
+            ApiError::UnknownDelivery | ApiError::UnknownBackend(_) => StatusCode::NOT_FOUND,
+            ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyInProgress => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -122,17 +129,94 @@ pub fn api_router(state: AppState, max_body: usize) -> Router {
         .with_state(state)
 }
 
-/// The metrics router: `GET /metrics` (Prometheus text format 0.0.4) and `GET /healthz`.
-pub fn metrics_router(metrics: Metrics) -> Router {
+/// The admin router, on the metrics port only (never behind nginx): `GET /metrics` (Prometheus text format
+/// 0.0.4), `GET /healthz`, `GET /dead-letters[?backend=B&limit=N]`, `POST /dead-letters/{id}/redrive[?backend=B]`
+/// and `POST /dead-letters/redrive[?backend=B]`.
+pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher) -> Router {
+    let metrics_route = get(|State(a): State<Admin>| async move {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], a.metrics.render())
+    });
     Router::new()
-        .route(
-            "/metrics",
-            get(|State(m): State<Metrics>| async move {
-                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render())
-            }),
-        )
+        .route("/metrics", metrics_route)
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics)
+        .route("/dead-letters", get(list_dead_letters))
+        .route("/dead-letters/redrive", post(redrive_all))
+        .route("/dead-letters/{id}/redrive", post(redrive_one))
+        .fallback(not_found)
+        .with_state(Admin { metrics, dispatcher })
+}
+
+#[derive(Clone)]
+struct Admin {
+    metrics: Metrics,
+    dispatcher: Dispatcher,
+}
+
+/// Dead letters listed per call at most, and by default.
+const MAX_LIST: usize = 10_000;
+const DEFAULT_LIST: usize = 100;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterQuery {
+    backend: Option<String>,
+    limit: Option<usize>,
+}
+
+impl Admin {
+    /// The backend filter, checked against the pool.
+    fn backend(&self, backend: Option<String>) -> Result<Option<String>, ApiError> {
+        match backend {
+            Some(b) if !self.dispatcher.knows_backend(&b) => Err(ApiError::UnknownBackend(b)),
+            other => Ok(other),
+        }
+    }
+}
+
+fn query<T: serde::de::DeserializeOwned>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| ApiError::BadQuery(e.body_text()))
+}
+
+async fn list_dead_letters(
+    State(admin): State<Admin>,
+    q: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
+    let backend = admin.backend(q.backend)?;
+    let list = admin.dispatcher.dead_letters(backend, limit).await.map_err(|_| ApiError::StoreUnavailable)?;
+    Ok(Json(json!({ "count": list.len(), "dead_letters": list })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedriveQuery {
+    backend: Option<String>,
+}
+
+async fn redrive_all(
+    State(admin): State<Admin>,
+    q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let backend = admin.backend(query(q)?.backend)?;
+    let n = admin.dispatcher.redrive(backend, None).await.map_err(|_| ApiError::StoreUnavailable)?;
+    Ok(Json(json!({ "redriven": n })).into_response())
+}
+
+async fn redrive_one(
+    State(admin): State<Admin>,
+    Path(id): Path<String>,
+    q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::UnknownDelivery)?;
+    let backend = admin.backend(query(q)?.backend)?;
+    let n = admin.dispatcher.redrive(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
+    if n == 0 {
+        return Err(ApiError::UnknownDelivery);
+    }
+    Ok(Json(json!({ "redriven": n })).into_response())
 }
 
 /// Counts every answered request by matched route and status, and times it.
@@ -175,8 +259,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn delivery(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::UnknownDelivery)?;
-    let status = state.dispatcher.lookup(&id).ok_or(ApiError::UnknownDelivery)?;
-    Ok(Json(status.summary()).into_response())
+    let summary = state.dispatcher.lookup(id).await.map_err(|_| ApiError::StoreUnavailable)?;
+    Ok(Json(summary.ok_or(ApiError::UnknownDelivery)?).into_response())
 }
 
 /// `POST /register` and `POST /changePassword`: deliver to every backend, answer per the ack policy.
@@ -206,7 +290,7 @@ async fn write(
         Some(k) => {
             match state.dispatcher.check_key(k, replay::request_hash(method.as_str(), &path_and_query, &body), id) {
                 Check::New(record) => Some((k.clone(), record)),
-                Check::Replay(record) => return Ok(replayed(&state, record)),
+                Check::Replay(record) => return Ok(replayed(&state, record).await),
                 Check::Conflict => return Err(ApiError::KeyReused),
                 Check::InProgress => return Err(ApiError::KeyInProgress),
             }
@@ -240,24 +324,29 @@ async fn write(
             })
         })?;
     let mut response = match tokio::time::timeout(state.ack_timeout, submitted.reply).await {
-        Ok(Ok(Reply { decision: Decision::Refused })) => return Err(refused(ApiError::StoreUnavailable)),
+        Ok(Ok(Reply { decision: Decision::Refused, .. })) => return Err(refused(ApiError::StoreUnavailable)),
         Ok(Ok(reply)) => {
-            let answer = answer(reply.decision, state.dispatcher.ack_policy(), &submitted.status);
+            let answer = answer(reply.decision, state.dispatcher.ack_policy(), &reply.summary);
             if let Some((k, record)) = idempotency {
                 state.dispatcher.answered(&k, id, record, answer.clone());
             }
             stored_response(answer)
         }
         Ok(Err(_)) => return Err(ApiError::Internal),
-        Err(_) => accepted(&submitted.status.summary(), id),
+        Err(_) => progress(&state, id).await,
     };
     response.headers_mut().insert(X_DELIVERY_ID.clone(), id_text);
     Ok(response)
 }
 
-/// `202 Accepted` with the delivery's summary and `Location: /deliveries/{id}`.
-fn accepted(summary: &crate::delivery::Summary, id: Uuid) -> Response {
-    let mut r = (StatusCode::ACCEPTED, Json(summary)).into_response();
+/// `202 Accepted` with the delivery's progress as stored (or just its id when it cannot be read) and
+/// `Location: /deliveries/{id}`.
+async fn progress(state: &AppState, id: Uuid) -> Response {
+    let body = match state.dispatcher.lookup(id).await {
+        Ok(Some(summary)) => serde_json::to_value(summary).unwrap_or_default(),
+        _ => json!({ "delivery_id": id, "state": "pending" }),
+    };
+    let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/deliveries/{id}")) {
         r.headers_mut().insert(header::LOCATION, location);
     }
@@ -266,14 +355,11 @@ fn accepted(summary: &crate::delivery::Summary, id: Uuid) -> Response {
 
 /// The answer to a repeated keyed write: the original answer when there was one, else the original delivery's
 /// progress (`202`). Marked `Idempotent-Replayed: true`, with the original `X-Delivery-Id`.
-fn replayed(state: &AppState, record: KeyRecord) -> Response {
+async fn replayed(state: &AppState, record: KeyRecord) -> Response {
     let id = Uuid::from_u128(record.delivery_id);
     let mut response = match record.answer {
         Some(answer) => stored_response(answer),
-        None => match state.dispatcher.lookup(&id) {
-            Some(status) => accepted(&status.summary(), id),
-            None => (StatusCode::ACCEPTED, Json(json!({ "delivery_id": id, "state": "accepted" }))).into_response(),
-        },
+        None => progress(state, id).await,
     };
     if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
         response.headers_mut().insert(X_DELIVERY_ID.clone(), v);
@@ -283,11 +369,11 @@ fn replayed(state: &AppState, record: KeyRecord) -> Response {
 }
 
 /// The client's answer for a decided delivery (DESIGN 3.6), in a form that can be kept for replays.
-fn answer(decision: Decision, policy: AckPolicy, status: &Arc<DeliveryStatus>) -> StoredAnswer {
+fn answer(decision: Decision, policy: AckPolicy, progress: &Summary) -> StoredAnswer {
     let summary = |code: StatusCode| StoredAnswer {
         status: code.as_u16(),
         content_type: Some("application/json".to_owned()),
-        body: serde_json::to_vec(&status.summary()).unwrap_or_default(),
+        body: serde_json::to_vec(progress).unwrap_or_default(),
     };
     let backend = |a: Answer| StoredAnswer {
         status: a.status.as_u16(),

@@ -1,0 +1,573 @@
+//! One backend's queue worker: it pulls due entries from the backend's queue and sends them, at most
+//! `--backend-concurrency` at a time, with per-user order, the retry schedule, the circuit breaker and the retry
+//! budget (issues "no lost, duplicated or reordered writes" and "backend health and retry discipline").
+//!
+//! # Entries are data, not tasks
+//! A queue entry is a row in the outbox (`queue` table) and, while it is among the oldest [`WINDOW`] entries of
+//! its backend, a small struct in this worker's memory with its write. Nothing sleeps per entry: the worker keeps
+//! the entries that may go now in a set ordered by due time and sleeps until the earliest. Past the window,
+//! entries stay on disk only ("spilled") and are read back oldest first as room frees up, so that memory is
+//! bounded by the window whatever the number of pending writes, and a dead backend costs disk.
+//!
+//! # Per-user order
+//! Entries with the same ordering key (the user) form a FIFO; only its head may be attempted, so a user's writes
+//! reach the backend in acceptance order, and a user whose head waits in backoff holds back no other user. New
+//! entries arrive here in acceptance order (the dispatcher sends them under one lock) *before* they are stored, so
+//! that an entry's place is taken at once; it becomes eligible only once stored ([`Msg::Stored`]).
+//!
+//! # Breaker and budget
+//! While the [`Breaker`] is open the queue pauses and only a probe goes; while it is closed, retries (attempts
+//! after an entry's first) need a token from a [`TpsBudget`] fed by first attempts (Linkerd's and Finagle's retry
+//! budget: `--retry-budget-ratio` of recent first attempts plus `--retry-budget-min-per-sec`). A retry refused by
+//! the budget is deferred, not failed: it keeps its attempts and waits [`BUDGET_WAIT`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::backend::{BackendAddr, Outcome};
+use crate::breaker::{Breaker, Change};
+use crate::delivery::{Answer, AttemptResult, BackendResult, Shared, send_attempt};
+use crate::forward::ForwardRequest;
+use crate::metrics::{BackendMetrics, DeadLetterReason};
+use crate::outbox::{DeadRow, DeliveredRow, Loaded, QueueRow, StoreError, now_ms};
+
+/// Entries of one backend held in memory at most; the others wait on disk.
+pub const WINDOW: usize = 4096;
+
+/// How long a retry refused by the retry budget waits before it asks again.
+pub const BUDGET_WAIT: Duration = Duration::from_millis(100);
+
+/// How often the queue gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A message from the dispatcher to one worker.
+#[derive(Debug)]
+pub enum Msg {
+    /// A write just accepted (not yet stored): it takes its place now and waits for [`Msg::Stored`].
+    New(NewEntry),
+    /// The write with this order is stored: it may go.
+    Stored(u64),
+    /// The write with this order could not be stored: forget it.
+    Dropped(u64),
+    /// This many dead letters of this backend were put back in its queue: read the queue again.
+    Redriven(u64),
+}
+
+/// A new write for one backend.
+#[derive(Debug)]
+pub struct NewEntry {
+    /// Acceptance order.
+    pub seq: u64,
+    /// The delivery id.
+    pub id: u128,
+    /// The write (shared by every backend's entry).
+    pub request: Arc<ForwardRequest>,
+    /// The ordering key (the user), if any.
+    pub key: Option<Arc<str>>,
+    /// When it was accepted, milliseconds since the Unix epoch.
+    pub accepted_at_ms: u64,
+}
+
+/// What the worker keeps per entry in memory.
+struct Entry {
+    id: u128,
+    request: Arc<ForwardRequest>,
+    key: Option<Arc<str>>,
+    accepted_at_ms: u64,
+    attempts: u32,
+    due: Instant,
+    stored: bool,
+    in_flight: bool,
+}
+
+/// Settings of every worker, from [`crate::Config`].
+#[derive(Debug, Clone, Copy)]
+pub struct QueueSettings {
+    /// Attempts on the wire per backend at most.
+    pub concurrency: usize,
+    /// Consecutive transient failures that open the breaker (0: never).
+    pub breaker_failures: u32,
+    /// Retries allowed per first attempt over the last 10 s.
+    pub budget_ratio: f32,
+    /// Retries allowed per second on top of the ratio.
+    pub budget_min_per_sec: u32,
+}
+
+/// The budget's memory: first attempts older than this no longer earn retries (tower's `ttl`).
+const BUDGET_TTL: Duration = Duration::from_secs(10);
+
+/// A finished attempt: (order, was it a probe, result).
+type Finished = (u64, bool, AttemptResult);
+
+/// One backend's worker. Run it with [`Worker::run`].
+pub struct Worker {
+    shared: Arc<Shared>,
+    index: usize,
+    label: Arc<str>,
+    addr: BackendAddr,
+    metrics: BackendMetrics,
+    settings: QueueSettings,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    closing: watch::Receiver<bool>,
+    entries: BTreeMap<u64, Entry>,
+    fifo: HashMap<Arc<str>, VecDeque<u64>>,
+    ready: BTreeSet<(Instant, u64)>,
+    running: FuturesUnordered<BoxFuture<'static, Finished>>,
+    /// Entries may be on disk and not in memory.
+    spilled: bool,
+    /// New entries not kept in memory (spilled) and not yet stored: a read now would miss them.
+    unstored_spilled: HashSet<u64>,
+    /// An entry was spilled while a read was on its way.
+    spilled_during_load: bool,
+    load: Option<BoxFuture<'static, Result<Vec<Loaded>, StoreError>>>,
+    /// Entries finished while a read was on its way (the read may still return them).
+    finished_during_load: HashSet<u64>,
+    load_retry_at: Option<Instant>,
+    breaker: Breaker,
+    budget: TpsBudget,
+    pending: u64,
+    dead: u64,
+}
+
+impl Worker {
+    /// A worker for backend `index` of the pool, starting with `pending` entries and `dead` dead letters in the
+    /// store (read back as room allows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: Arc<Shared>,
+        index: usize,
+        addr: BackendAddr,
+        metrics: BackendMetrics,
+        settings: QueueSettings,
+        rx: mpsc::UnboundedReceiver<Msg>,
+        closing: watch::Receiver<bool>,
+        (pending, dead): (u64, u64),
+    ) -> Self {
+        let backoff = shared.backoff();
+        Self {
+            label: addr.label().into(),
+            shared,
+            index,
+            addr,
+            metrics,
+            settings,
+            rx,
+            closing,
+            entries: BTreeMap::new(),
+            fifo: HashMap::new(),
+            ready: BTreeSet::new(),
+            running: FuturesUnordered::new(),
+            spilled: pending > 0,
+            unstored_spilled: HashSet::new(),
+            spilled_during_load: false,
+            load: None,
+            finished_during_load: HashSet::new(),
+            load_retry_at: None,
+            breaker: Breaker::new(settings.breaker_failures, backoff),
+            budget: TpsBudget::new(BUDGET_TTL, settings.budget_min_per_sec, settings.budget_ratio),
+            pending,
+            dead,
+        }
+    }
+
+    /// Runs until shutdown has started and the queue is empty in memory and on disk (the dispatcher stops
+    /// waiting at its deadline; what is left stays in the outbox).
+    pub async fn run(mut self) {
+        self.update_gauges();
+        let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        let mut closing = *self.closing.borrow();
+        loop {
+            let now = Instant::now();
+            self.start_load(now);
+            self.launch(now);
+            if closing && self.entries.is_empty() && !self.spilled && self.running.is_empty() {
+                return;
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => {
+                        self.message(msg);
+                        while let Ok(msg) = self.rx.try_recv() {
+                            self.message(msg);
+                        }
+                    }
+                    None => closing = true,
+                },
+                Some((seq, probe, result)) = self.running.next(), if !self.running.is_empty() => {
+                    self.finished(seq, probe, result).await;
+                }
+                loaded = async { match self.load.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                    self.load = None;
+                    self.loaded(loaded);
+                }
+                () = async { match wake { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {}
+                _ = gauges.tick() => self.update_gauges(),
+                _ = self.closing.changed(), if !closing => closing = true,
+            }
+        }
+    }
+
+    fn message(&mut self, msg: Msg) {
+        match msg {
+            Msg::New(e) => {
+                if self.spilled || self.entries.len() >= WINDOW {
+                    // On disk once stored; read back in order when room frees up.
+                    self.spilled = true;
+                    self.unstored_spilled.insert(e.seq);
+                    if self.load.is_some() {
+                        self.spilled_during_load = true;
+                    }
+                    return;
+                }
+                if let Some(key) = &e.key {
+                    self.fifo.entry(key.clone()).or_default().push_back(e.seq);
+                }
+                let entry = Entry {
+                    id: e.id,
+                    request: e.request,
+                    key: e.key,
+                    accepted_at_ms: e.accepted_at_ms,
+                    attempts: 0,
+                    due: Instant::now(),
+                    stored: false,
+                    in_flight: false,
+                };
+                self.entries.insert(e.seq, entry);
+            }
+            Msg::Stored(seq) => {
+                self.pending += 1;
+                self.metrics.pending().set(self.pending as f64);
+                if self.unstored_spilled.remove(&seq) {
+                    return;
+                }
+                if let Some(e) = self.entries.get_mut(&seq) {
+                    e.stored = true;
+                    self.make_ready_if_eligible(seq);
+                }
+            }
+            Msg::Dropped(seq) => {
+                if self.unstored_spilled.remove(&seq) {
+                    return;
+                }
+                if let Some(e) = self.entries.remove(&seq) {
+                    self.leave_fifo(seq, e.key.as_ref());
+                }
+            }
+            Msg::Redriven(n) => {
+                self.pending += n;
+                self.dead = self.dead.saturating_sub(n);
+                self.spilled = true;
+                self.update_gauges();
+            }
+        }
+    }
+
+    /// Puts `seq` in the ready set if it is stored, not on the wire, and first of its user.
+    fn make_ready_if_eligible(&mut self, seq: u64) {
+        let Some(e) = self.entries.get(&seq) else { return };
+        let first = e.key.as_ref().is_none_or(|k| self.fifo.get(k).and_then(|q| q.front()) == Some(&seq));
+        if e.stored && !e.in_flight && first {
+            self.ready.insert((e.due, seq));
+        }
+    }
+
+    /// Removes `seq` from its user's FIFO; the next one of that user may go.
+    fn leave_fifo(&mut self, seq: u64, key: Option<&Arc<str>>) {
+        let Some(key) = key else { return };
+        let Some(q) = self.fifo.get_mut(key) else { return };
+        let was_first = q.front() == Some(&seq);
+        q.retain(|s| *s != seq);
+        let next = q.front().copied();
+        if q.is_empty() {
+            self.fifo.remove(key);
+        }
+        if was_first && let Some(next) = next {
+            self.make_ready_if_eligible(next);
+        }
+    }
+
+    /// Starts what may start now: due entries up to the concurrency bound while the breaker is closed, or the
+    /// probe when it is due.
+    fn launch(&mut self, now: Instant) {
+        while self.running.len() < self.settings.concurrency {
+            if let Some(due) = self.breaker.probe_due() {
+                // Open: the oldest eligible entry probes, when the schedule says so; nothing else goes.
+                let Some(&(due_at, seq)) = self.ready.iter().min_by_key(|(_, s)| *s) else { return };
+                if now < due {
+                    return;
+                }
+                self.ready.remove(&(due_at, seq));
+                self.breaker.probing();
+                self.metrics.breaker_state().set(self.breaker.state().code());
+                self.start(seq, true);
+                return;
+            }
+            if !self.breaker.is_closed() {
+                return;
+            }
+            let Some(&(due, seq)) = self.ready.first() else { return };
+            if due > now {
+                return;
+            }
+            self.ready.remove(&(due, seq));
+            let Some(e) = self.entries.get_mut(&seq) else { continue };
+            if e.attempts > 0 {
+                if !self.budget.withdraw() {
+                    self.metrics.budget_exhausted();
+                    e.due = now + BUDGET_WAIT;
+                    self.ready.insert((e.due, seq));
+                    continue;
+                }
+                self.metrics.retry();
+            } else {
+                self.budget.deposit();
+            }
+            self.start(seq, false);
+        }
+    }
+
+    fn start(&mut self, seq: u64, probe: bool) {
+        let Some(e) = self.entries.get_mut(&seq) else { return };
+        e.in_flight = true;
+        let client = self.shared.client().clone();
+        let url = self.addr.target(&e.request.path_and_query);
+        let request = e.request.clone();
+        let timeout = self.shared.attempt_timeout();
+        let metrics = self.metrics.clone();
+        self.running.push(Box::pin(async move {
+            let result = send_attempt(&client, &url, &request, timeout, &metrics).await;
+            (seq, probe, result)
+        }));
+    }
+
+    /// When the loop must wake up on its own: the earliest due entry, the probe, or a read to retry.
+    fn next_wake(&self) -> Option<Instant> {
+        let work = if self.running.len() >= self.settings.concurrency {
+            None
+        } else if let Some(probe) = self.breaker.probe_due() {
+            (!self.ready.is_empty()).then_some(probe)
+        } else if self.breaker.is_closed() {
+            self.ready.first().map(|(due, _)| *due)
+        } else {
+            None
+        };
+        match (work, self.load_retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Reads entries back from disk when some may be there and there is room.
+    fn start_load(&mut self, now: Instant) {
+        if !self.spilled || self.load.is_some() || !self.unstored_spilled.is_empty() {
+            return;
+        }
+        if self.load_retry_at.is_some_and(|at| at > now) {
+            return;
+        }
+        self.load_retry_at = None;
+        let room = WINDOW.saturating_sub(self.entries.len());
+        // Wait for a quarter of the window to free up, so that reads come in batches, not one per entry.
+        if room < WINDOW / 4 && !self.entries.is_empty() {
+            return;
+        }
+        let skip: HashSet<u64> = self.entries.keys().copied().collect();
+        let outbox = self.shared.outbox().clone();
+        let label = self.label.clone();
+        self.spilled_during_load = false;
+        self.finished_during_load.clear();
+        self.load = Some(Box::pin(async move { outbox.load(&label, skip, room).await }));
+    }
+
+    fn loaded(&mut self, result: Result<Vec<Loaded>, StoreError>) {
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(err) => {
+                tracing::error!(backend = %self.addr, error = %err, "cannot read the queue back; retrying in 1 s");
+                self.load_retry_at = Some(Instant::now() + Duration::from_secs(1));
+                return;
+            }
+        };
+        let asked = WINDOW.saturating_sub(self.entries.len());
+        let complete = rows.len() < asked && !self.spilled_during_load;
+        let now = Instant::now();
+        let wall = now_ms();
+        for Loaded { seq, row, delivery } in rows {
+            if self.entries.contains_key(&seq) || self.finished_during_load.contains(&seq) {
+                continue;
+            }
+            let Some(request) = delivery.to_request() else {
+                tracing::error!(backend = %self.addr, seq, "a stored write does not decode to a request; skipped");
+                continue;
+            };
+            let key: Option<Arc<str>> = delivery.ordering_key.as_deref().map(Arc::from);
+            if let Some(k) = &key {
+                self.fifo.entry(k.clone()).or_default().push_back(seq);
+            }
+            let entry = Entry {
+                id: row.id,
+                request: Arc::new(request),
+                key,
+                accepted_at_ms: delivery.accepted_at_ms,
+                attempts: row.attempts,
+                due: now + Duration::from_millis(row.due_ms.saturating_sub(wall)),
+                stored: true,
+                in_flight: false,
+            };
+            self.entries.insert(seq, entry);
+            self.make_ready_if_eligible(seq);
+        }
+        self.finished_during_load.clear();
+        if complete {
+            self.spilled = false;
+        }
+    }
+
+    async fn finished(&mut self, seq: u64, probe: bool, result: AttemptResult) {
+        let now = Instant::now();
+        let transient = result.outcome.is_transient();
+        let Some(e) = self.entries.get_mut(&seq) else { return };
+        e.in_flight = false;
+        if !(probe && transient) {
+            e.attempts += 1;
+        }
+        let (attempts, id) = (e.attempts, e.id);
+        let change =
+            if transient { self.breaker.failed(probe, now, result.retry_after) } else { self.breaker.answered() };
+        self.breaker_changed(change);
+        let last_status = result.answer.as_ref().map(|a| a.status.as_u16());
+        match result.outcome {
+            Outcome::Success => {
+                let answer = result.answer.unwrap_or_else(Answer::created);
+                self.finish(seq, BackendResult::Delivered { attempts, answer }).await;
+            }
+            Outcome::Rejected => {
+                let reason = DeadLetterReason::Rejected;
+                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }).await;
+            }
+            _ if !probe && attempts >= self.shared.max_attempts() => {
+                let reason = DeadLetterReason::Exhausted;
+                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }).await;
+            }
+            outcome => {
+                let wait = if probe || !self.breaker.is_closed() {
+                    // The breaker decides when the next attempt goes; the entry keeps its place.
+                    Duration::ZERO
+                } else {
+                    self.shared.backoff().delay_with_hint(attempts - 1, result.retry_after, &mut rand::rng())
+                };
+                if !probe {
+                    tracing::info!(
+                        backend = %self.addr,
+                        delivery_id = %uuid::Uuid::from_u128(id),
+                        attempt = attempts,
+                        outcome = outcome.as_str(),
+                        wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "attempt failed, retrying"
+                    );
+                }
+                let due_ms = if wait.is_zero() { 0 } else { now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0) };
+                let row =
+                    QueueRow { id, attempts, due_ms, last_status, last_outcome: Some(outcome.as_str().to_owned()) };
+                self.shared.outbox().progress(&self.label, seq, row);
+                if let Some(e) = self.entries.get_mut(&seq) {
+                    e.due = now + wait;
+                }
+                self.make_ready_if_eligible(seq);
+            }
+        }
+    }
+
+    fn breaker_changed(&mut self, change: Change) {
+        match change {
+            Change::None => {}
+            Change::Opened => {
+                tracing::warn!(
+                    backend = %self.addr,
+                    failures = self.settings.breaker_failures,
+                    pending = self.pending,
+                    "backend down: breaker open, its queue is paused and probed on the retry schedule"
+                );
+            }
+            Change::Closed => {
+                tracing::info!(backend = %self.addr, pending = self.pending, "backend up: breaker closed, draining its queue");
+                // Everything waiting goes now, oldest first.
+                let now = Instant::now();
+                let waiting: Vec<u64> = self.ready.iter().map(|(_, s)| *s).collect();
+                self.ready = waiting
+                    .into_iter()
+                    .map(|s| {
+                        if let Some(e) = self.entries.get_mut(&s) {
+                            e.due = now;
+                        }
+                        (now, s)
+                    })
+                    .collect();
+            }
+        }
+        self.metrics.breaker_state().set(self.breaker.state().code());
+    }
+
+    /// The entry is done on this backend: delivered, or a dead letter.
+    async fn finish(&mut self, seq: u64, result: BackendResult) {
+        let Some(e) = self.entries.remove(&seq) else { return };
+        self.leave_fifo(seq, e.key.as_ref());
+        if self.load.is_some() {
+            self.finished_during_load.insert(seq);
+        }
+        self.pending = self.pending.saturating_sub(1);
+        self.metrics.pending().set(self.pending as f64);
+        let outbox = self.shared.outbox();
+        match &result {
+            BackendResult::Delivered { attempts, answer } => {
+                let row = DeliveredRow { attempts: *attempts, status: answer.status.as_u16() };
+                outbox.delivered(&self.label, seq, e.id, row).await;
+            }
+            BackendResult::DeadLetter { attempts, reason, answer } => {
+                let last_status = answer.as_ref().map(|a| a.status.as_u16());
+                self.metrics.dead_letter(*reason);
+                self.dead += 1;
+                self.metrics.dead_letters().set(self.dead as f64);
+                tracing::error!(
+                    backend = %self.addr,
+                    delivery_id = %uuid::Uuid::from_u128(e.id),
+                    attempts,
+                    reason = reason.as_str(),
+                    last_status,
+                    // The path only: a query string may carry credentials.
+                    path = e.request.path_and_query.split('?').next().unwrap_or_default(),
+                    "dead letter: the backend did not get this write; see GET /dead-letters on the admin port"
+                );
+                let row = DeadRow {
+                    id: e.id,
+                    attempts: *attempts,
+                    reason: reason.as_str().to_owned(),
+                    last_status,
+                    at_ms: now_ms(),
+                };
+                outbox.dead_letter(&self.label, seq, row).await;
+            }
+        }
+        self.shared.record(self.index, e.id, result);
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.pending().set(self.pending as f64);
+        self.metrics.dead_letters().set(self.dead as f64);
+        self.metrics.breaker_state().set(self.breaker.state().code());
+        // The window holds the oldest entries, so the first one in memory is the oldest pending.
+        let oldest = self.entries.values().next().map_or(0.0, |e| {
+            let accepted = std::time::UNIX_EPOCH + Duration::from_millis(e.accepted_at_ms);
+            SystemTime::now().duration_since(accepted).map_or(0.0, |d| d.as_secs_f64())
+        });
+        self.metrics.oldest_pending().set(oldest);
+    }
+}
