@@ -140,6 +140,8 @@ pub struct DeadRow {
     pub reason: String,
     /// The status of the last answer, if any.
     pub last_status: Option<u16>,
+    /// The class of the last attempt, if known.
+    pub last_outcome: Option<String>,
     /// When it became a dead letter, milliseconds since the Unix epoch.
     pub at_ms: u64,
 }
@@ -890,7 +892,7 @@ fn view(db: &Database, id: u128) -> Result<Option<DeliveryView>, StoreError> {
                 state: BackendState::DeadLetter,
                 attempts: row.attempts,
                 status: row.last_status,
-                outcome: None,
+                outcome: row.last_outcome,
                 reason: Some(row.reason),
                 next_attempt_at: None,
             }
@@ -973,6 +975,7 @@ fn startup(txn: &redb::WriteTransaction, pool: &[String]) -> Result<Startup, Sto
             attempts: row.attempts,
             reason: "backend_removed".to_owned(),
             last_status: row.last_status,
+            last_outcome: row.last_outcome,
             at_ms: now_ms(),
         };
         dead.insert((b.as_str(), seq), encode(&row)?.as_slice()).map_err(StoreError::from)?;

@@ -447,15 +447,15 @@ impl Worker {
         match result.outcome {
             Outcome::Success => {
                 let answer = result.answer.unwrap_or_else(Answer::created);
-                self.finish(seq, BackendResult::Delivered { attempts, answer }).await;
+                self.finish(seq, BackendResult::Delivered { attempts, answer }, result.outcome).await;
             }
             Outcome::Rejected => {
                 let reason = DeadLetterReason::Rejected;
-                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }).await;
+                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }, result.outcome).await;
             }
             _ if !probe && attempts >= self.shared.max_attempts() => {
                 let reason = DeadLetterReason::Exhausted;
-                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }).await;
+                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }, result.outcome).await;
             }
             outcome => {
                 let wait = if probe || !self.breaker.is_closed() {
@@ -517,7 +517,7 @@ impl Worker {
     }
 
     /// The entry is done on this backend: delivered, or a dead letter.
-    async fn finish(&mut self, seq: u64, result: BackendResult) {
+    async fn finish(&mut self, seq: u64, result: BackendResult, outcome: Outcome) {
         let Some(e) = self.entries.remove(&seq) else { return };
         self.leave_fifo(seq, e.key.as_ref());
         if self.load.is_some() {
@@ -551,6 +551,7 @@ impl Worker {
                     attempts: *attempts,
                     reason: reason.as_str().to_owned(),
                     last_status,
+                    last_outcome: Some(outcome.as_str().to_owned()),
                     at_ms: now_ms(),
                 };
                 outbox.dead_letter(&self.label, seq, row).await;

@@ -134,6 +134,8 @@ pub fn api_router(state: AppState, max_body: usize) -> Router {
 /// and `POST /dead-letters/redrive[?backend=B]`.
 pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher) -> Router {
     let metrics_route = get(|State(a): State<Admin>| async move {
+        // Read at scrape time: the store's count is exact, a periodic copy would lag.
+        a.metrics.in_flight().set(a.dispatcher.unfinished() as f64);
         ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], a.metrics.render())
     });
     Router::new()
