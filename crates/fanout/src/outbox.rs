@@ -153,6 +153,8 @@ pub struct DeliveredRow {
     pub attempts: u32,
     /// The backend's status (201).
     pub status: u16,
+    /// The backend's place in the pool, to list a finished delivery's backends in pool order.
+    pub position: u16,
 }
 
 /// A queue entry read back from the store, with its write.
@@ -863,11 +865,14 @@ fn view(db: &Database, id: u128) -> Result<Option<DeliveryView>, StoreError> {
             if row_id != id {
                 break;
             }
-            backends.push(delivered_view(backend, decode(v.value())?));
+            let row: DeliveredRow = decode(v.value())?;
+            backends.push((row.position, delivered_view(backend, row)));
         }
         if backends.is_empty() {
             return Ok(None);
         }
+        backends.sort_by_key(|(position, _)| *position);
+        let backends = backends.into_iter().map(|(_, view)| view).collect();
         return Ok(Some(DeliveryView { accepted_at_ms: id_time_ms(id), backends }));
     };
     let d: StoredDelivery = decode(record.value())?;

@@ -528,7 +528,8 @@ impl Worker {
         let outbox = self.shared.outbox();
         match &result {
             BackendResult::Delivered { attempts, answer } => {
-                let row = DeliveredRow { attempts: *attempts, status: answer.status.as_u16() };
+                let position = u16::try_from(self.index).unwrap_or(u16::MAX);
+                let row = DeliveredRow { attempts: *attempts, status: answer.status.as_u16(), position };
                 outbox.delivered(&self.label, seq, e.id, row).await;
             }
             BackendResult::DeadLetter { attempts, reason, answer } => {
