@@ -149,6 +149,8 @@ struct Store {
     applied_order: VecDeque<(String, String)>,
     received: VecDeque<ReceivedWrite>,
     fail_next: Vec<StatusCode>,
+    /// While set, every write is answered with this status and nothing is applied (an outage on demand).
+    down: Option<StatusCode>,
 }
 
 /// One replica: settings and in-memory state. Cheap to clone (shared state).
@@ -208,6 +210,12 @@ impl DemoBackend {
         store.fail_next = statuses.iter().rev().copied().collect();
     }
 
+    /// Answers every write with `status` (e.g. `503`) and applies nothing, until called with `None`: an outage
+    /// that still counts the attempts it gets ([`DemoBackend::writes_received`]).
+    pub fn set_down(&self, status: Option<StatusCode>) {
+        self.store().down = status;
+    }
+
     /// The last [`RECEIVED_MEMORY`] writes received, oldest first (dropped ones included).
     pub fn received(&self) -> Vec<ReceivedWrite> {
         self.store().received.iter().cloned().collect()
@@ -221,6 +229,9 @@ impl DemoBackend {
     fn apply(&self, path: &str, headers: &HeaderMap, body: &[u8]) -> (StatusCode, String) {
         let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(|k| (path.to_owned(), k.to_owned()));
         let mut store = self.store();
+        if let Some(status) = store.down {
+            return (status, "server is down on purpose\n".to_owned());
+        }
         if let Some(status) = store.fail_next.pop() {
             return (status, "request dropped by server\n".to_owned());
         }

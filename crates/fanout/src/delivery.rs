@@ -373,6 +373,11 @@ impl Shared {
         self.settings.max_attempts
     }
 
+    /// True while some client waits for its answer.
+    pub fn clients_waiting(&self) -> bool {
+        !self.waiting().is_empty()
+    }
+
     /// The store.
     pub fn outbox(&self) -> &Outbox {
         &self.outbox

@@ -47,6 +47,8 @@ use crate::replay::KeyRecord;
 
 /// Operations taken into one write transaction at most.
 pub const MAX_BATCH: usize = 1024;
+/// redb's page cache; its default (1 GiB) would let the memory of a long backlog grow with the file.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Operations waiting for the writer thread at most; senders wait beyond (back-pressure, not memory).
 const QUEUE: usize = 8192;
 
@@ -364,7 +366,7 @@ impl Outbox {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(StoreError::from)?;
         let path = dir.join("outbox.redb");
-        let db = Database::create(&path).map_err(StoreError::from)?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(&path).map_err(StoreError::from)?;
         Self::start(db, Some(path))
     }
 
@@ -612,7 +614,7 @@ impl Writer {
         if self.db.is_none()
             && let Some(path) = &self.path
         {
-            self.db = Some(Database::create(path).map_err(StoreError::from)?);
+            self.db = Some(Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(StoreError::from)?);
             tracing::info!(path = %path.display(), "outbox reopened");
         }
         self.db.as_ref().ok_or_else(gone)

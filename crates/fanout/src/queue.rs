@@ -127,6 +127,8 @@ pub struct Worker {
     /// An entry was spilled while a read was on its way.
     spilled_during_load: bool,
     load: Option<BoxFuture<'static, Result<Vec<Loaded>, StoreError>>>,
+    /// How many entries the read on its way asked for.
+    load_asked: usize,
     /// Entries finished while a read was on its way (the read may still return them).
     finished_during_load: HashSet<u64>,
     load_retry_at: Option<Instant>,
@@ -168,6 +170,7 @@ impl Worker {
             unstored_spilled: HashSet::new(),
             spilled_during_load: false,
             load: None,
+            load_asked: 0,
             finished_during_load: HashSet::new(),
             load_retry_at: None,
             breaker: Breaker::new(settings.breaker_failures, backoff),
@@ -177,17 +180,23 @@ impl Worker {
         }
     }
 
-    /// Runs until shutdown has started and the queue is empty in memory and on disk (the dispatcher stops
-    /// waiting at its deadline; what is left stays in the outbox).
+    /// Runs until shutdown. Once it has started, a worker over a durable outbox stops sending as soon as no
+    /// client waits for an answer, and ends when its attempts on the wire are back: its queue stays on disk. In
+    /// memory (`--no-outbox`) it drains its queue, since what is left is lost. The dispatcher stops waiting at
+    /// its deadline either way.
     pub async fn run(mut self) {
         self.update_gauges();
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
         let mut closing = *self.closing.borrow();
         loop {
             let now = Instant::now();
-            self.start_load(now);
-            self.launch(now);
-            if closing && self.entries.is_empty() && !self.spilled && self.running.is_empty() {
+            let keep_sending = !closing || !self.shared.outbox().durable() || self.shared.clients_waiting();
+            if keep_sending {
+                self.start_load(now);
+                self.launch(now);
+            }
+            let empty = self.entries.is_empty() && !self.spilled;
+            if closing && self.running.is_empty() && (empty || !keep_sending) {
                 return;
             }
             let wake = self.next_wake();
@@ -384,6 +393,7 @@ impl Worker {
         let label = self.label.clone();
         self.spilled_during_load = false;
         self.finished_during_load.clear();
+        self.load_asked = room;
         self.load = Some(Box::pin(async move { outbox.load(&label, skip, room).await }));
     }
 
@@ -396,8 +406,8 @@ impl Worker {
                 return;
             }
         };
-        let asked = WINDOW.saturating_sub(self.entries.len());
-        let complete = rows.len() < asked && !self.spilled_during_load;
+        // Fewer rows than asked for, and nothing spilled meanwhile: everything on disk is in memory now.
+        let complete = rows.len() < self.load_asked && !self.spilled_during_load;
         let now = Instant::now();
         let wall = now_ms();
         for Loaded { seq, row, delivery } in rows {

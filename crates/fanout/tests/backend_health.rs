@@ -1,0 +1,261 @@
+//! Backend health and retry discipline over real HTTP (issue "backend health and retry discipline"): the circuit
+//! breaker during an outage, dead letters and their redrive on the admin port, and the retry budget. Replicas
+//! and fanout run in this process on `127.0.0.1:0`; attempts are counted at the replicas.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{Fanout, eventually, fanout, post_form, replica, replicas, sample};
+use demo_backend::Settings;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn admin(lb: &Fanout, path: &str) -> String {
+    format!("http://{}{path}", lb.metrics)
+}
+
+async fn get_json(url: &str) -> Value {
+    reqwest::get(url).await.expect("get").json().await.expect("json")
+}
+
+async fn metric(lb: &Fanout, series: &str) -> Option<f64> {
+    sample(&lb.metrics_text().await, series)
+}
+
+/// Sends `users` register + changePassword pairs, each user's second write after its first was answered, with
+/// `concurrency` users at a time; returns how many writes got `201`.
+async fn register_and_change(lb: &Fanout, prefix: &str, users: usize, concurrency: usize) -> usize {
+    let client = common::client();
+    futures_util::stream::iter(0..users)
+        .map(|i| {
+            let client = client.clone();
+            let register = lb.url("/register");
+            let change = lb.url("/changePassword");
+            let name = format!("{prefix}{i}");
+            async move {
+                let mut ok = 0;
+                for (url, password) in [(register, "first"), (change, "second")] {
+                    let r = client
+                        .post(url)
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .body(format!("username={name}&password={password}"))
+                        .send()
+                        .await
+                        .expect("post");
+                    ok += usize::from(r.status() == StatusCode::CREATED);
+                }
+                ok
+            }
+        })
+        .buffer_unordered(concurrency)
+        .fold(0, |a, b| async move { a + b })
+        .await
+}
+
+/// The issue's outage: a backend down for an hour of the retry schedule (compressed 400 times: 2.5 ms doubling
+/// to 160 ms stands for 1 s doubling to 64 s, so 9 s stands for an hour) while 10,000 writes pile up for it.
+/// It gets the breaker's probes, not one retry loop per write; fanout's memory stays flat as the backlog grows;
+/// once it is back, its queue drains and it holds exactly what the others hold (each user's last password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_down_for_an_hour_gets_only_probes_then_drains_in_order() {
+    let pool = replicas(3).await;
+    let down = &pool[2].backend;
+    down.set_down(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let args = ["--initial-backoff", "2500us", "--max-backoff", "160ms", "--max-jitter", "0s"];
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &args).await;
+    let outage = tokio::time::Instant::now();
+
+    assert_eq!(register_and_change(&lb, "warm", 500, 32).await, 1000);
+    let rss_after_1k = rss_kib();
+    assert_eq!(register_and_change(&lb, "u", 4500, 32).await, 9000);
+    let rss_after_10k = rss_kib();
+    let label = pool[2].label();
+    let pending = metric(&lb, &format!("fanout_pending_deliveries{{backend=\"{label}\"}}")).await;
+    assert_eq!(pending, Some(10_000.0), "every write waits for the down backend");
+    assert_eq!(metric(&lb, &format!("fanout_breaker_state{{backend=\"{label}\"}}")).await, Some(1.0));
+
+    // The rest of the virtual hour.
+    tokio::time::sleep_until(outage + Duration::from_secs(9)).await;
+    let attempts_during_outage = down.writes_received();
+    // 5 failures open the breaker (plus what was already on the wire, at most --backend-concurrency), then one
+    // probe per step of the schedule: 7 while it doubles, then one per 160 ms.
+    let probes = 7 + 9_000 / 160;
+    assert!(
+        attempts_during_outage <= 5 + 64 + probes + 10,
+        "{attempts_during_outage} attempts reached the down backend in its outage; the probe rate allows ~{probes}"
+    );
+    // 9,000 more pending writes cost little: they wait on disk; memory holds a window of each queue.
+    let growth_mib = rss_after_10k.saturating_sub(rss_after_1k) / 1024;
+    eprintln!(
+        "outage: {attempts_during_outage} attempts in 9 s (probe schedule ~{probes}); RSS {} MiB after 1k pending, \
+         {} MiB after 10k",
+        rss_after_1k / 1024,
+        rss_after_10k / 1024
+    );
+    assert!(growth_mib < 40, "RSS grew {growth_mib} MiB for 9,000 more pending writes");
+
+    down.set_down(None);
+    eventually(WAIT, "the backlog drained", || async {
+        metric(&lb, &format!("fanout_pending_deliveries{{backend=\"{label}\"}}")).await == Some(0.0)
+            && metric(&lb, "fanout_deliveries_in_flight").await == Some(0.0)
+    })
+    .await;
+    assert_eq!(metric(&lb, &format!("fanout_breaker_state{{backend=\"{label}\"}}")).await, Some(0.0));
+    let reference = pool[0].backend.users();
+    assert_eq!(reference.count, 5000);
+    assert!(reference.users.iter().all(|u| u.version == 2));
+    assert_eq!(pool[2].backend.users().users, reference.users, "the recovered backend holds the same passwords");
+    lb.stop().await;
+}
+
+/// Resident memory of this process (the test, its replicas and fanout), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test]
+async fn a_write_a_backend_rejects_is_a_dead_letter_at_once_and_redrive_delivers_it() {
+    let pool = replicas(3).await;
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &[]).await;
+    let picky = pool[1].label();
+    pool[1].backend.fail_next(&[StatusCode::BAD_REQUEST]);
+    let resp = post_form(&lb.url("/register"), "username=refused&password=pw").await;
+    assert_eq!(resp.status(), StatusCode::CREATED, "the other backends took it");
+    let id = resp.headers()["x-delivery-id"].to_str().expect("id").to_owned();
+    // Another user's write is not held back by the dead letter.
+    assert_eq!(post_form(&lb.url("/register"), "username=other&password=pw").await.status(), StatusCode::CREATED);
+    eventually(WAIT, "the other user reached the picky backend", || async {
+        pool[1].backend.users().users.iter().any(|u| u.username == "other")
+    })
+    .await;
+
+    let list = get_json(&admin(&lb, "/dead-letters")).await;
+    assert_eq!(list["count"], 1, "{list}");
+    let dl = &list["dead_letters"][0];
+    assert_eq!(dl["delivery_id"], id.as_str());
+    assert_eq!(dl["backend"], picky.as_str());
+    assert_eq!(dl["reason"], "rejected");
+    assert_eq!(dl["attempts"], 1, "a permanent failure is not retried");
+    assert_eq!(dl["last_status"], 400);
+    assert_eq!(dl["path"], "/register");
+    assert_eq!(metric(&lb, &format!("fanout_dead_letters{{backend=\"{picky}\"}}")).await, Some(1.0));
+    let summary = get_json(&lb.url(&format!("/deliveries/{id}"))).await;
+    assert_eq!(summary["state"], "failed");
+    assert_eq!(summary["backends"][1]["state"], "dead_letter");
+
+    // The admin routes are not on the API port, and bad input changes nothing.
+    let on_api = reqwest::get(lb.url("/dead-letters")).await.expect("get");
+    assert_eq!(on_api.status(), StatusCode::NOT_FOUND);
+    let client = common::client();
+    let unknown = client.post(admin(&lb, "/dead-letters/redrive?backend=nowhere:1")).send().await.expect("post");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let bad = reqwest::get(admin(&lb, "/dead-letters?limit=many")).await.expect("get");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let not_dead = client
+        .post(admin(&lb, "/dead-letters/0190a1b2-0000-7000-8000-000000000000/redrive"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(not_dead.status(), StatusCode::NOT_FOUND);
+    assert_eq!(get_json(&admin(&lb, "/dead-letters")).await["count"], 1);
+
+    // The backend is fixed (fail_next is spent): redrive delivers it.
+    let redrive = client.post(admin(&lb, &format!("/dead-letters/{id}/redrive"))).send().await.expect("post");
+    assert_eq!(redrive.status(), StatusCode::OK);
+    assert_eq!(redrive.json::<Value>().await.expect("json")["redriven"], 1);
+    eventually(WAIT, "the redriven write was delivered", || async {
+        pool[1].backend.users().users.iter().any(|u| u.username == "refused")
+    })
+    .await;
+    assert_eq!(get_json(&admin(&lb, "/dead-letters")).await["count"], 0);
+    eventually(WAIT, "the delivery is complete", || async {
+        get_json(&lb.url(&format!("/deliveries/{id}"))).await["state"] == "delivered"
+    })
+    .await;
+    assert_eq!(metric(&lb, &format!("fanout_dead_letters{{backend=\"{picky}\"}}")).await, Some(0.0));
+    assert_eq!(
+        metric(&lb, &format!("fanout_dead_letters_total{{backend=\"{picky}\",reason=\"rejected\"}}")).await,
+        Some(1.0)
+    );
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn exhausted_attempts_are_dead_letters_the_list_and_metrics_agree_and_redrive_keeps_order() {
+    let pool = replicas(3).await;
+    let label = pool[2].label();
+    pool[2].backend.set_down(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let args = ["--max-attempts", "3", "--breaker-failures", "0"];
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &args).await;
+    assert_eq!(register_and_change(&lb, "d", 3, 1).await, 6);
+    eventually(WAIT, "six dead letters", || async {
+        get_json(&admin(&lb, &format!("/dead-letters?backend={label}"))).await["count"] == 6
+    })
+    .await;
+    let list = get_json(&admin(&lb, &format!("/dead-letters?backend={label}&limit=2"))).await;
+    assert_eq!(list["count"], 2, "limit applies");
+    let list = get_json(&admin(&lb, &format!("/dead-letters?backend={label}"))).await;
+    for dl in list["dead_letters"].as_array().expect("array") {
+        assert_eq!(dl["reason"], "exhausted", "{dl}");
+        assert_eq!(dl["attempts"], 3);
+        assert_eq!(dl["last_status"], 503);
+    }
+    assert_eq!(get_json(&admin(&lb, &format!("/dead-letters?backend={}", pool[0].label()))).await["count"], 0);
+    assert_eq!(metric(&lb, &format!("fanout_dead_letters{{backend=\"{label}\"}}")).await, Some(6.0));
+    assert_eq!(
+        metric(&lb, &format!("fanout_dead_letters_total{{backend=\"{label}\",reason=\"exhausted\"}}")).await,
+        Some(6.0)
+    );
+    assert_eq!(pool[2].backend.writes_received(), 18, "3 attempts each, no more");
+
+    pool[2].backend.set_down(None);
+    let client = common::client();
+    let redrive = client.post(admin(&lb, &format!("/dead-letters/redrive?backend={label}"))).send().await.expect("post");
+    assert_eq!(redrive.json::<Value>().await.expect("json")["redriven"], 6);
+    eventually(WAIT, "redriven writes delivered", || async {
+        metric(&lb, &format!("fanout_pending_deliveries{{backend=\"{label}\"}}")).await == Some(0.0)
+            && metric(&lb, "fanout_deliveries_in_flight").await == Some(0.0)
+    })
+    .await;
+    // Redriven in their original order: each user's changePassword after its register, so the same passwords.
+    assert_eq!(pool[2].backend.users().users, pool[0].backend.users().users);
+    assert_eq!(metric(&lb, &format!("fanout_dead_letters{{backend=\"{label}\"}}")).await, Some(0.0));
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_retries_to_a_half_failing_backend_stay_within_the_budget() {
+    let mut pool = replicas(2).await;
+    let flaky = Settings { skip_some_requests: true, skip_probability: 0.5, ..Settings::for_test("server3") };
+    pool.push(replica(flaky).await);
+    let label = pool[2].label();
+    // Without the breaker, which would otherwise pause the queue now and then (5 failures in a row).
+    let args = ["--breaker-failures", "0", "--retry-budget-ratio", "0.2", "--retry-budget-min-per-sec", "10"];
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &args).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(register_and_change(&lb, "b", 500, 32).await, 1000);
+    let elapsed = started.elapsed();
+    let received = pool[2].backend.writes_received();
+    let retries = metric(&lb, &format!("fanout_retries_total{{backend=\"{label}\"}}")).await.expect("series");
+    let windows = elapsed.as_secs().div_ceil(10).max(1) as f64;
+    // Tower's TpsBudget: 20% of the first attempts of the last 10 s, plus a reserve of 10/s over those 10 s.
+    let budget = 0.2 * 1000.0 + 100.0 * windows;
+    assert!(
+        received as f64 - 1000.0 <= budget + 1.0 && retries <= budget + 1.0,
+        "{received} attempts for 1000 writes ({retries} retries) in {elapsed:?}; the budget allows {budget}"
+    );
+    let deferred = metric(&lb, &format!("fanout_retry_budget_exhausted_total{{backend=\"{label}\"}}")).await;
+    assert!(deferred.is_some_and(|d| d > 0.0), "half the attempts fail: the budget must have been spent");
+    // The healthy backends are not held back.
+    assert_eq!(pool[0].backend.users().count, 500);
+    lb.stop().await;
+}
