@@ -2,12 +2,12 @@
 """`make bench-memory`: what a dead backend costs fanout in memory, what the in-flight bound does, and how the
 backlog drains when the backend returns.
 
-For each N in --counts: three demo backends and a fresh fanout (--max-in-flight BOUND); server3 is killed; N
+For each N in --counts: three demo backends and a fresh fanout (--max-pending BOUND); server3 is killed; N
 writes (distinct users, ~40-byte bodies) are sent straight to fanout at a fixed rate, so that every accepted write
-stays pending for server3 while server1 and server2 acknowledge it. fanout's RSS is sampled throughout. Reported:
-RSS before and after, RSS growth per pending delivery, the RSS when the bound was reached and at the end (no growth
-past the bound), the 201 and 503 counts; then server3 comes back on its port and the report gives the seconds to
-drain (fanout_deliveries_in_flight = 0) and whether the three backends hold the same users.
+stays pending for server3 (in the outbox, on disk) while server1 and server2 acknowledge it. fanout's RSS is
+sampled throughout. Reported: RSS before and after, RSS growth per pending delivery, the RSS when the bound was
+reached (if it was), the 201 and 503 counts; then server3 comes back on its port and the report gives the
+seconds to drain (fanout_deliveries_in_flight = 0) and whether the three backends hold the same users.
 
 fanout runs with its durable outbox (a fresh one per N), RUST_LOG=warn (a retry line per attempt would be the largest cost otherwise) and a 4 s backoff
 cap (so that the drain after the backend returns is measured in seconds, not in minutes of the 64 s default).
@@ -107,7 +107,7 @@ def run_case(n: int, args, workdir: Path) -> dict:
         servers = [backend(i + 1, p) for i, p in enumerate(ports)]
         api, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         env = {"BACKEND_POOL": ",".join(f"127.0.0.1:{p}" for p in ports), "LISTEN_ADDR": api,
-               "METRICS_PORT": metrics.split(":")[1], "MAX_IN_FLIGHT": str(args.max_in_flight),
+               "METRICS_PORT": metrics.split(":")[1], "MAX_PENDING": str(args.max_pending),
                "INITIAL_BACKOFF": "500ms", "MAX_BACKOFF": "4s", "RUST_LOG": "warn",
                "DATA_DIR": str(workdir / f"outbox-{n}")}
         fanout = spawn("fanout", [os.environ.get("FANOUT_BIN", str(BIN / "fanout"))], env)
@@ -135,7 +135,7 @@ def run_case(n: int, args, workdir: Path) -> dict:
         st.join()
         rss_after = rss_kib(fanout.pid)
         pending = in_flight(metrics)
-        at_bound = next((rss for _, rss, f in samples if f >= args.max_in_flight), None)
+        at_bound = next((rss for _, rss, f in samples if f >= args.max_pending), None)
 
         servers[2] = backend(3, ports[2])
         t1 = time.monotonic()
@@ -178,7 +178,7 @@ def main() -> int:
     ap.add_argument("--counts", default="10000,50000,100000", help="comma list of N")
     ap.add_argument("--rate", type=float, default=1000.0, help="writes per second")
     ap.add_argument("--threads", type=int, default=4, help="sender connections")
-    ap.add_argument("--max-in-flight", type=int, default=10000, help="fanout's --max-in-flight")
+    ap.add_argument("--max-pending", type=int, default=1000000, help="fanout's --max-pending")
     ap.add_argument("--drain-timeout", type=float, default=300.0)
     args = ap.parse_args()
     for b in ("fanout", "demo-backend"):
@@ -194,7 +194,7 @@ def main() -> int:
                   f"RSS {r['rss_before_kib']} -> {r['rss_after_kib']} KiB, drained {r['drained']} "
                   f"in {r['drain_seconds']} s, users differ {r['users_differing']}", flush=True)
     lines = [
-        f"Run {started}: writes at {args.rate:.0f}/s to fanout (--max-in-flight {args.max_in_flight}) with server3 "
+        f"Run {started}: writes at {args.rate:.0f}/s to fanout (--max-pending {args.max_pending}) with server3 "
         "dead; then server3 returns.",
         "",
         "| writes | 201 | 503 | pending | RSS before MiB | RSS at bound MiB | RSS after MiB | KiB per pending "

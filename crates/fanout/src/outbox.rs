@@ -1019,3 +1019,138 @@ fn prune(txn: &redb::WriteTransaction, window_ms: u64, now: u64) -> Result<Vec<(
     keep.sort_by_key(|(_, r)| r.at_ms);
     Ok(keep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fanout-outbox-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    const POOL: [&str; 3] = ["a:1", "b:1", "c:1"];
+
+    fn write(seq: u64) -> StoredDelivery {
+        StoredDelivery {
+            seq,
+            accepted_at_ms: 1,
+            method: "POST".into(),
+            path_and_query: "/register?x=1".into(),
+            headers: vec![("content-type".into(), b"application/x-www-form-urlencoded".to_vec())],
+            body: format!("username=u{seq}&password=p").into_bytes(),
+            ordering_key: Some(format!("u{seq}")),
+            backends: POOL.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn label(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    async fn seqs(outbox: &Outbox, backend: &str) -> Vec<u64> {
+        outbox.load(&label(backend), HashSet::new(), 100).await.expect("load").iter().map(|l| l.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn queues_deliveries_and_dead_letters_survive_a_reopen() {
+        let dir = temp_dir("reopen");
+        {
+            let outbox = Outbox::open(&dir).expect("open");
+            for seq in 0..3u64 {
+                outbox.accept(u128::from(seq) + 100, &write(seq), None).await.expect("accept");
+            }
+            assert_eq!(outbox.unfinished(), 3);
+            let progress = QueueRow { id: 100, attempts: 4, due_ms: 77, last_status: Some(503), last_outcome: None };
+            outbox.progress(&label("b:1"), 0, progress.clone());
+            for (i, b) in POOL.iter().enumerate() {
+                let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+                outbox.delivered(&label(b), 1, 101, row).await;
+            }
+            let dead = DeadRow {
+                id: 102,
+                attempts: 3,
+                reason: "exhausted".into(),
+                last_status: Some(503),
+                last_outcome: Some("status_5xx".into()),
+                at_ms: now_ms(),
+            };
+            outbox.dead_letter(&label("c:1"), 2, dead).await;
+            // A durable commit after the non-durable ones makes them durable too.
+            let key = KeyRecord { delivery_id: 200, body_hash: [1; 32], at_ms: now_ms(), answer: None };
+            outbox.accept(200, &write(9), Some(("client-key", &key))).await.expect("accept");
+            assert_eq!(outbox.unfinished(), 3, "101 finished everywhere, 200 added");
+            outbox.close();
+        }
+        let outbox = Outbox::open(&dir).expect("reopen");
+        assert_eq!(outbox.unfinished(), 3);
+        assert_eq!(seqs(&outbox, "a:1").await, [0, 2, 9]);
+        assert_eq!(seqs(&outbox, "c:1").await, [0, 9], "the dead letter left the queue");
+        let loaded = outbox.load(&label("b:1"), [2].into(), 1).await.expect("load");
+        assert_eq!(loaded.len(), 1, "limit applies");
+        assert_eq!(loaded[0].row.attempts, 4, "progress kept");
+        assert_eq!(loaded[0].delivery, write(0));
+        let skipped = outbox.load(&label("b:1"), [0, 2].into(), 10).await.expect("load");
+        assert_eq!(skipped.iter().map(|l| l.seq).collect::<Vec<_>>(), [9], "skip applies");
+
+        let finished = outbox.view(101).await.expect("view").expect("kept for the window");
+        let states: Vec<_> = finished.backends.iter().map(|b| (b.backend.as_str(), b.state)).collect();
+        assert_eq!(
+            states,
+            [("a:1", BackendState::Delivered), ("b:1", BackendState::Delivered), ("c:1", BackendState::Delivered)]
+        );
+        let mixed = outbox.view(102).await.expect("view").expect("known");
+        assert_eq!(mixed.backends[0].state, BackendState::Pending);
+        assert_eq!(mixed.backends[2].state, BackendState::DeadLetter);
+        assert_eq!(mixed.backends[2].reason.as_deref(), Some("exhausted"));
+        assert!(outbox.view(999).await.expect("view").is_none());
+
+        let dead = outbox.dead_letters(None, 10).await.expect("list");
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].backend.as_str(), dead[0].seq, dead[0].path.as_str()), ("c:1", 2, "/register"));
+        assert!(outbox.dead_letters(Some("a:1".into()), 10).await.expect("list").is_empty());
+        assert_eq!(outbox.redrive(Some("c:1".into()), None).await.expect("redrive"), [("c:1".to_owned(), 2)]);
+        assert_eq!(seqs(&outbox, "c:1").await, [0, 2, 9], "back in its place, by acceptance order");
+        assert!(outbox.dead_letters(None, 10).await.expect("list").is_empty());
+        assert!(outbox.redrive(None, None).await.expect("redrive").is_empty());
+
+        let keys = outbox.idempotency_keys(60_000, now_ms()).await.expect("keys");
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].0, "client-key");
+        assert!(outbox.idempotency_keys(0, now_ms() + 10).await.expect("keys").is_empty(), "expired ones are deleted");
+        outbox.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given() {
+        let outbox = Outbox::in_memory().expect("in memory");
+        assert!(!outbox.durable());
+        for seq in [4u64, 7] {
+            outbox.accept(u128::from(seq), &write(seq), None).await.expect("accept");
+        }
+        let pool = vec!["c:1".to_owned(), "a:1".to_owned(), "new:1".to_owned()];
+        let start = outbox.startup(pool).await.expect("startup");
+        assert_eq!(start.max_seq, Some(7));
+        assert_eq!(start.orphaned, 2, "b:1 left the pool");
+        assert_eq!(start.backends["a:1"], BackendCounts { pending: 2, dead: 0 });
+        assert_eq!(start.backends["new:1"], BackendCounts::default());
+        let dead = outbox.dead_letters(Some("b:1".into()), 10).await.expect("list");
+        assert_eq!(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>(), ["backend_removed"; 2]);
+        assert_eq!(outbox.unfinished(), 2, "a dead letter keeps its delivery");
+    }
+
+    #[test]
+    fn an_unwritable_directory_is_refused() {
+        let err = Outbox::open(Path::new("/proc/fanout-cannot-write-here")).err().expect("refused");
+        assert!(err.to_string().starts_with("outbox: "), "{err}");
+    }
+
+    #[test]
+    fn a_uuid_v7_carries_its_time() {
+        let id = uuid::Uuid::now_v7().as_u128();
+        assert!(now_ms().abs_diff(id_time_ms(id)) < 5_000);
+        assert_eq!(id_time_ms(uuid::Uuid::nil().as_u128()), 0);
+    }
+}

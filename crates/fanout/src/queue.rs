@@ -461,11 +461,13 @@ impl Worker {
             }
             Outcome::Rejected => {
                 let reason = DeadLetterReason::Rejected;
-                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }, result.outcome).await;
+                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }, result.outcome)
+                    .await;
             }
             _ if !probe && attempts >= self.shared.max_attempts() => {
                 let reason = DeadLetterReason::Exhausted;
-                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }, result.outcome).await;
+                self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }, result.outcome)
+                    .await;
             }
             outcome => {
                 let wait = if probe || !self.breaker.is_closed() {

@@ -219,7 +219,8 @@ async fn exhausted_attempts_are_dead_letters_the_list_and_metrics_agree_and_redr
 
     pool[2].backend.set_down(None);
     let client = common::client();
-    let redrive = client.post(admin(&lb, &format!("/dead-letters/redrive?backend={label}"))).send().await.expect("post");
+    let redrive =
+        client.post(admin(&lb, &format!("/dead-letters/redrive?backend={label}"))).send().await.expect("post");
     assert_eq!(redrive.json::<Value>().await.expect("json")["redriven"], 6);
     eventually(WAIT, "redriven writes delivered", || async {
         metric(&lb, &format!("fanout_pending_deliveries{{backend=\"{label}\"}}")).await == Some(0.0)
