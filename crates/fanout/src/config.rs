@@ -150,6 +150,11 @@ pub struct Config {
     #[arg(long, allow_hyphen_values = true, env = "RETRY_BUDGET_MIN_PER_SEC", default_value_t = 10)]
     pub retry_budget_min_per_sec: u32,
 
+    /// How many finished deliveries `GET /deliveries/{id}` can still show (their outcomes are kept in the
+    /// outbox, the newest first; pending ones are always shown).
+    #[arg(long, allow_hyphen_values = true, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
+    pub delivery_history: u64,
+
     /// Idle keep-alive connections to backends are closed after this long. Keep it below the backends' own idle
     /// timeout so that fanout never sends on a connection the backend is closing.
     #[arg(long, allow_hyphen_values = true, env = "POOL_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -237,6 +242,12 @@ impl Config {
         )?;
         // A tokio semaphore holds at most usize::MAX >> 3 permits.
         range((1..=1 << 24).contains(&self.max_in_flight), "max-in-flight", "MAX_IN_FLIGHT", "between 1 and 16777216")?;
+        range(
+            (1..=10_000_000).contains(&self.delivery_history),
+            "delivery-history",
+            "DELIVERY_HISTORY",
+            "between 1 and 10000000",
+        )?;
         range((1..=1 << 32).contains(&self.max_pending), "max-pending", "MAX_PENDING", "between 1 and 4294967296")?;
         range(
             (1..=4096).contains(&self.backend_concurrency),
@@ -395,6 +406,7 @@ mod tests {
             (&["--backends", "a:1", "--max-body", "2GiB"], "--max-body"),
             (&["--backends", "a:1", "--max-in-flight", "0"], "--max-in-flight"),
             (&["--backends", "a:1", "--max-pending", "0"], "--max-pending"),
+            (&["--backends", "a:1", "--delivery-history", "0"], "--delivery-history"),
             (&["--backends", "a:1", "--backend-concurrency", "0"], "--backend-concurrency"),
             (&["--backends", "a:1", "--retry-budget-ratio", "-0.5"], "--retry-budget-ratio"),
             (&["--backends", "a:1", "--retry-budget-ratio", "NaN"], "--retry-budget-ratio"),

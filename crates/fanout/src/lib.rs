@@ -163,6 +163,7 @@ pub async fn run(
             .with_graceful_shutdown(signalled(metrics_stopped))
             .into_future(),
     );
+    let keep_delivered = config.delivery_history.saturating_mul(config.backends.len() as u64);
     let upkeep = tokio::spawn({
         let metrics = metrics.clone();
         let dispatcher = dispatcher.clone();
@@ -172,7 +173,7 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 n += 1;
-                outbox.tick(window_ms);
+                outbox.tick(window_ms, keep_delivered);
                 metrics.in_flight().set(dispatcher.unfinished() as f64);
                 if n.is_multiple_of(UPKEEP_INTERVAL.as_secs()) {
                     metrics.run_upkeep();

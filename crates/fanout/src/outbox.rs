@@ -26,8 +26,9 @@
 //!   delivery is removed.
 //! - `queue`: (backend, acceptance order) -> [`QueueRow`]: the backend's queue, oldest first.
 //! - `dead`: (backend, acceptance order) -> [`DeadRow`]: the backend's dead letters.
-//! - `delivered`: (delivery id, backend) -> [`DeliveredRow`], for `GET /deliveries/{id}`; kept for the
-//!   idempotency window (the delivery id is a UUIDv7, so its age is in it).
+//! - `delivered`: (delivery id, backend) -> [`DeliveredRow`], for `GET /deliveries/{id}` after a delivery has
+//!   finished; the newest rows are kept (`--delivery-history` deliveries' worth; delivery ids are UUIDv7, so the
+//!   oldest come first and are pruned every second).
 //! - `idempotency`: client `Idempotency-Key` -> [`KeyRecord`] (postcard), kept for the replay window.
 
 use std::collections::{HashMap, HashSet};
@@ -301,6 +302,11 @@ enum Op {
     },
     Tick {
         window_ms: u64,
+        keep_delivered: u64,
+    },
+    /// Made by the writer from a tick: applied with the batch's writes.
+    Trim {
+        keep_delivered: u64,
     },
     Load {
         backend: Arc<str>,
@@ -401,6 +407,7 @@ impl Outbox {
             healthy: healthy.clone(),
             unfinished: unfinished.clone(),
             dirty: false,
+            trim_due: false,
             ticks: 0,
         };
         let handle = std::thread::Builder::new()
@@ -425,10 +432,11 @@ impl Outbox {
         self.unfinished.load(Ordering::Relaxed)
     }
 
-    /// Once a second: makes recent progress durable when there was any, and (every minute) deletes expired
-    /// idempotency and delivered records, so that neither waits for the next write.
-    pub fn tick(&self, window_ms: u64) {
-        let _ = self.ops.try_send(Op::Tick { window_ms });
+    /// Once a second: makes recent progress durable when there was any, keeps only the newest `keep_delivered`
+    /// delivered records, and (every minute) deletes expired idempotency records, so that none of it waits for
+    /// the next write.
+    pub fn tick(&self, window_ms: u64, keep_delivered: u64) {
+        let _ = self.ops.try_send(Op::Tick { window_ms, keep_delivered });
     }
 
     /// Waits until every operation sent so far is committed, and closes the file. Call on the last handle: the
@@ -591,6 +599,8 @@ struct Writer {
     unfinished: Arc<AtomicU64>,
     /// A commit without fsync happened since the last one with.
     dirty: bool,
+    /// Delivered records were added since the last trim.
+    trim_due: bool,
     ticks: u64,
 }
 
@@ -649,12 +659,18 @@ impl Writer {
     fn handle(&mut self, batch: Vec<Op>) {
         let (mut writes, others): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(Op::is_batched_write);
         for op in &others {
-            if matches!(op, Op::Tick { .. }) && self.dirty {
-                // An empty commit with fsync makes every earlier commit without it durable.
-                let (done, _) = oneshot::channel();
-                writes.push(Op::Flush { done });
+            if let Op::Tick { keep_delivered, .. } = op {
+                if std::mem::take(&mut self.trim_due) {
+                    writes.push(Op::Trim { keep_delivered: *keep_delivered });
+                }
+                if self.dirty {
+                    // An empty commit with fsync makes every earlier commit without it durable.
+                    let (done, _) = oneshot::channel();
+                    writes.push(Op::Flush { done });
+                }
             }
         }
+        self.trim_due |= writes.iter().any(|op| matches!(op, Op::Delivered { .. }));
         if !writes.is_empty() {
             let durable = writes.iter().any(|op| matches!(op, Op::Accept { .. } | Op::Flush { .. }));
             let result = self.db().and_then(|db| apply(db, &writes, durable));
@@ -681,7 +697,7 @@ impl Writer {
         // Reads and admin operations come after the batch's writes: they see every operation sent before them.
         for op in others {
             match op {
-                Op::Tick { window_ms } => {
+                Op::Tick { window_ms, .. } => {
                     self.ticks += 1;
                     if self.ticks.is_multiple_of(60) {
                         let now = now_ms();
@@ -774,6 +790,13 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(u64, u64), Store
                 Op::DeadLetter { backend, seq, row } => {
                     if queue.remove((&**backend, *seq)).map_err(StoreError::from)?.is_some() {
                         dead.insert((&**backend, *seq), encode(row)?.as_slice()).map_err(StoreError::from)?;
+                    }
+                }
+                Op::Trim { keep_delivered } => {
+                    // Ids are UUIDv7, ordered by time: the oldest records come first.
+                    let len = delivered.len().map_err(StoreError::from)?;
+                    for _ in *keep_delivered..len {
+                        delivered.pop_first().map_err(StoreError::from)?;
                     }
                 }
                 _ => {}
@@ -991,8 +1014,7 @@ fn startup(txn: &redb::WriteTransaction, pool: &[String]) -> Result<Startup, Sto
     Ok(out)
 }
 
-/// Deletes the idempotency records older than `window_ms` and the delivered records of deliveries older than
-/// it; returns the idempotency records kept, oldest first.
+/// Deletes the idempotency records older than `window_ms`; returns the others, oldest first.
 fn prune(txn: &redb::WriteTransaction, window_ms: u64, now: u64) -> Result<Vec<(String, KeyRecord)>, StoreError> {
     let mut keep = Vec::new();
     {
@@ -1010,11 +1032,6 @@ fn prune(txn: &redb::WriteTransaction, window_ms: u64, now: u64) -> Result<Vec<(
         for k in expired {
             table.remove(k.as_str()).map_err(StoreError::from)?;
         }
-    }
-    {
-        let mut delivered = txn.open_table(DELIVERED).map_err(StoreError::from)?;
-        // Ids are UUIDv7: ordered by time, so the expired ones come first.
-        delivered.retain(|(id, _), _| now.saturating_sub(id_time_ms(id)) <= window_ms).map_err(StoreError::from)?;
     }
     keep.sort_by_key(|(_, r)| r.at_ms);
     Ok(keep)
@@ -1139,6 +1156,25 @@ mod tests {
         let dead = outbox.dead_letters(Some("b:1".into()), 10).await.expect("list");
         assert_eq!(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>(), ["backend_removed"; 2]);
         assert_eq!(outbox.unfinished(), 2, "a dead letter keeps its delivery");
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_delivered_records_are_kept() {
+        let outbox = Outbox::in_memory().expect("in memory");
+        let ids: Vec<u128> = (0..4u64).map(|_| uuid::Uuid::now_v7().as_u128()).collect();
+        for (seq, id) in ids.iter().enumerate() {
+            outbox.accept(*id, &write(seq as u64), None).await.expect("accept");
+            for (i, b) in POOL.iter().enumerate() {
+                let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+                outbox.delivered(&label(b), seq as u64, *id, row).await;
+            }
+        }
+        outbox.flush().await.expect("flush");
+        outbox.tick(60_000, 6); // two deliveries of three backends
+        let known = futures_util::future::join_all(ids.iter().map(|id| outbox.view(*id))).await;
+        let known: Vec<bool> = known.into_iter().map(|v| v.expect("view").is_some()).collect();
+        assert_eq!(known, [false, false, true, true], "the two oldest were trimmed");
+        assert_eq!(outbox.unfinished(), 0);
     }
 
     #[test]

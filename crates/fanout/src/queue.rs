@@ -274,6 +274,10 @@ impl Worker {
                 self.pending += n;
                 self.dead = self.dead.saturating_sub(n);
                 self.spilled = true;
+                if self.load.is_some() {
+                    // The read on its way may have missed them.
+                    self.spilled_during_load = true;
+                }
                 self.update_gauges();
             }
         }

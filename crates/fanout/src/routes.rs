@@ -67,7 +67,7 @@ pub enum ApiError {
     #[error("the write could not be stored; nothing was sent, retry later")]
     StoreUnavailable,
     /// A delivery id that is unknown or was forgotten.
-    #[error("no delivery with this id (finished ones are kept for --idempotency-window)")]
+    #[error("no delivery with this id (finished ones are kept for the newest --delivery-history)")]
     UnknownDelivery,
     /// A backend that is not in the pool.
     #[error("no backend {0:?} in --backends")]

@@ -88,7 +88,8 @@ async fn a_backend_down_for_an_hour_gets_only_probes_then_drains_in_order() {
         attempts_during_outage <= 5 + 64 + probes + 10,
         "{attempts_during_outage} attempts reached the down backend in its outage; the probe rate allows ~{probes}"
     );
-    // 9,000 more pending writes cost little: they wait on disk; memory holds a window of each queue.
+    // 9,000 more pending writes cost little: they wait on disk; memory holds a window of each queue, and the
+    // store's page cache (32 MiB at most) fills. (The old design, one task per pending write, took 6 KiB each.)
     let growth_mib = rss_after_10k.saturating_sub(rss_after_1k) / 1024;
     eprintln!(
         "outage: {attempts_during_outage} attempts in 9 s (probe schedule ~{probes}); RSS {} MiB after 1k pending, \
@@ -96,7 +97,7 @@ async fn a_backend_down_for_an_hour_gets_only_probes_then_drains_in_order() {
         rss_after_1k / 1024,
         rss_after_10k / 1024
     );
-    assert!(growth_mib < 40, "RSS grew {growth_mib} MiB for 9,000 more pending writes");
+    assert!(growth_mib < 48, "RSS grew {growth_mib} MiB for 9,000 more pending writes");
 
     down.set_down(None);
     eventually(WAIT, "the backlog drained", || async {

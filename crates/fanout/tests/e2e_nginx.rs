@@ -93,6 +93,14 @@ async fn the_originals_curl_lines_work_and_status_pages_answer() {
     assert!(metrics.contains("# TYPE target_domain_success_counter_total counter"), "{metrics}");
     let hint = c.get(stack.url("/")).send().await.expect("hint").text().await.expect("text");
     assert!(hint.starts_with("fanout:"), "{hint}");
+    // The admin routes live on fanout's metrics port only: nginx sends /dead-letters to fanout's API, which
+    // has no such route, so no one can redrive through the front door.
+    let dead = c.get(stack.url("/dead-letters")).send().await.expect("dead letters");
+    assert_eq!(dead.status(), 404);
+    let redrive = c.post(stack.url("/dead-letters/redrive")).send().await.expect("redrive");
+    assert_eq!(redrive.status(), 404);
+    let direct = c.get(format!("http://{}/dead-letters", stack.metrics)).send().await.expect("direct");
+    assert_eq!(direct.status(), 200);
 
     eventually(Duration::from_secs(10), "schef on every backend, version 2", || async {
         let mut ok = true;

@@ -123,6 +123,14 @@ async fn an_idempotency_key_is_recognised_after_a_restart() {
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(replay.headers()["x-delivery-id"], id.as_str());
     assert!(users(addrs[0]).await.users.iter().all(|u| u.version == 1));
+    // The delivery finished before the restart and is still known after it.
+    let summary: serde_json::Value =
+        reqwest::get(format!("http://{api}/deliveries/{id}")).await.expect("get").json().await.expect("json");
+    assert_eq!(summary["state"], "delivered", "{summary}");
+    let backends: Vec<&str> =
+        summary["backends"].as_array().expect("array").iter().filter_map(|b| b["backend"].as_str()).collect();
+    let expected: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    assert_eq!(backends, expected, "in pool order");
 }
 
 /// A small tmpfs, unmounted (lazily) on drop: a real file system that really fills up.
