@@ -71,7 +71,8 @@ pub enum RunError {
 }
 
 /// Serves the API on `api` and `/metrics` on `metrics_listener` until `shutdown` resolves, then stops accepting
-/// writes, waits up to `--shutdown-timeout` for deliveries in flight and returns.
+/// writes, waits up to `--shutdown-timeout` for the clients still waiting and the attempts on the wire (without
+/// an outbox: for the queues to drain), and returns.
 ///
 /// # Errors
 /// [`RunError`] when the config is invalid, the HTTP client cannot be built, or a listener fails.
@@ -192,7 +193,7 @@ pub async fn run(
     } else if pending > 0 {
         tracing::warn!(pending, "deliveries still pending at exit are lost: their backends may miss these writes");
     } else {
-        tracing::info!("every delivery in flight finished");
+        tracing::info!("every delivery finished");
     }
     // Connections still open at the deadline (a handler waiting for its ack) are dropped with the process.
     let last_moment = deadline.max(tokio::time::Instant::now() + FINAL_WAIT);

@@ -52,7 +52,7 @@ pub enum ApiError {
     #[error("request headers are larger than 32 KiB in total; nothing was forwarded")]
     HeadersTooLarge,
     /// `--max-in-flight` deliveries are running.
-    #[error("too many deliveries in flight; retry later")]
+    #[error("too many writes pending or waiting for their answer; retry later")]
     Busy,
     /// The service is shutting down.
     #[error("shutting down; retry on another instance")]
@@ -75,7 +75,7 @@ pub enum ApiError {
     /// A bad query string on an admin route.
     #[error("bad query: {0}")]
     BadQuery(String),
-    /// The delivery task ended without a decision (it panicked); the delivery state is unknown.
+    /// The dispatcher dropped the reply without a decision (a worker panicked); the delivery state is unknown.
     #[error("internal error")]
     Internal,
 }
@@ -255,7 +255,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.dispatcher.ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: at the in-flight bound or shutting down\n").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: at --max-in-flight or --max-pending, the outbox failing, or shutting down\n").into_response()
     }
 }
 
