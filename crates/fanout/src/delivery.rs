@@ -18,17 +18,17 @@ use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderValue, StatusCode, header};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::backend::{BackendAddr, Outcome};
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::config::AckPolicy;
 use crate::forward::ForwardRequest;
-use crate::metrics::{BackendMetrics, DeadLetterReason, Metrics};
+use crate::metrics::{DeadLetterReason, Metrics};
 use crate::outbox::{BackendState, BackendView, DeadLetter, DeliveryView, Outbox, Startup, StoreError, StoredDelivery};
 use crate::queue::{Msg, NewEntry, QueueSettings, Worker};
 use crate::replay::{Check, KeyRecord, Replays, StoredAnswer};
@@ -327,9 +327,47 @@ struct Waiter {
     tx: oneshot::Sender<Reply>,
 }
 
+/// How an attempt reaches a backend: HTTP in the service, a script in the queue tests (which run on paused
+/// time, where real sockets cannot: the clock would jump past every attempt timeout).
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `request` to `backend` once and resolves to the attempt's result. Must not panic.
+    fn send(&self, backend: &BackendAddr, request: Arc<ForwardRequest>) -> BoxFuture<'static, AttemptResult>;
+}
+
+/// The service's transport: one pooled HTTP client for every backend; redirects are never followed.
+pub struct Http {
+    client: reqwest::Client,
+    timeout: Duration,
+}
+
+impl Http {
+    /// A client whose idle connections close after `pool_idle_timeout`; each attempt is bounded by `timeout`.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built (its TLS-less builder does not fail in practice).
+    pub fn new(pool_idle_timeout: Duration, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(pool_idle_timeout)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()?;
+        Ok(Self { client, timeout })
+    }
+}
+
+impl Transport for Http {
+    fn send(&self, backend: &BackendAddr, request: Arc<ForwardRequest>) -> BoxFuture<'static, AttemptResult> {
+        let client = self.client.clone();
+        let url = backend.target(&request.path_and_query);
+        let timeout = self.timeout;
+        Box::pin(async move { send_attempt(&client, &url, &request, timeout).await })
+    }
+}
+
 /// What the dispatcher and its workers share.
 pub struct Shared {
-    client: reqwest::Client,
+    transport: Arc<dyn Transport>,
     settings: DispatchSettings,
     metrics: Metrics,
     outbox: Outbox,
@@ -353,19 +391,14 @@ impl Shared {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The pooled HTTP client.
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
+    /// How attempts are sent.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
     }
 
     /// The retry schedule.
     pub fn backoff(&self) -> Backoff {
         self.settings.backoff
-    }
-
-    /// One attempt's deadline.
-    pub fn attempt_timeout(&self) -> Duration {
-        self.settings.attempt_timeout
     }
 
     /// Attempts per backend per delivery.
@@ -437,8 +470,8 @@ impl Shared {
 }
 
 impl Dispatcher {
-    /// A dispatcher with one pooled HTTP client, and one queue worker per backend started on the current
-    /// runtime. `startup` is what the outbox holds (see [`Outbox::startup`]). Redirects are never followed.
+    /// A dispatcher sending over HTTP ([`Http`]), with one queue worker per backend started on the current
+    /// runtime. `startup` is what the outbox holds (see [`Outbox::startup`]).
     ///
     /// # Errors
     /// When the HTTP client cannot be built (its TLS-less builder does not fail in practice).
@@ -449,17 +482,24 @@ impl Dispatcher {
         replays: Replays,
         startup: &Startup,
     ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .build()?;
+        let http = Http::new(settings.pool_idle_timeout, settings.attempt_timeout)?;
+        Ok(Self::with_transport(settings, metrics, outbox, replays, startup, Arc::new(http)))
+    }
+
+    /// A dispatcher sending through `transport`; see [`Dispatcher::new`].
+    pub fn with_transport(
+        settings: DispatchSettings,
+        metrics: Metrics,
+        outbox: Outbox,
+        replays: Replays,
+        startup: &Startup,
+        transport: Arc<dyn Transport>,
+    ) -> Self {
         let labels: Vec<Arc<str>> = settings.pool.iter().map(|a| Arc::from(a.label())).collect();
         let (senders, receivers): (Vec<_>, Vec<_>) = settings.pool.iter().map(|_| mpsc::unbounded_channel()).unzip();
         let (stop, stopped) = watch::channel(false);
         let shared = Arc::new(Shared {
-            client,
+            transport,
             clients: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             metrics: metrics.clone(),
@@ -491,7 +531,7 @@ impl Dispatcher {
             workers.push(tokio::spawn(worker.run()));
         }
         *shared.workers.lock().unwrap_or_else(|e| e.into_inner()) = workers;
-        Ok(Self { shared })
+        Self { shared }
     }
 
     /// Accepts `request` for delivery to every backend: it takes its places in the backends' queues now (with
@@ -660,14 +700,12 @@ impl Dispatcher {
 }
 
 /// One attempt: the request with the shared body, bounded by `timeout` from connect to the last body byte.
-pub(crate) async fn send_attempt(
+async fn send_attempt(
     client: &reqwest::Client,
     url: &reqwest::Url,
     request: &ForwardRequest,
     timeout: Duration,
-    metrics: &BackendMetrics,
 ) -> AttemptResult {
-    let started = Instant::now();
     let result = tokio::time::timeout(timeout, async {
         let response = client
             .request(request.method.clone(), url.clone())
@@ -689,7 +727,7 @@ pub(crate) async fn send_attempt(
         Ok::<_, reqwest::Error>((status, content_type, body, retry_after))
     })
     .await;
-    let attempt = match result {
+    match result {
         Ok(Ok((status, content_type, body, retry_after))) => AttemptResult {
             outcome: Outcome::from_status(status),
             answer: Some(Answer { status, content_type, body }),
@@ -697,9 +735,7 @@ pub(crate) async fn send_attempt(
         },
         Ok(Err(err)) => AttemptResult { outcome: Outcome::from_error(&err), answer: None, retry_after: None },
         Err(_elapsed) => AttemptResult { outcome: Outcome::Timeout, answer: None, retry_after: None },
-    };
-    metrics.attempt(attempt.outcome, started.elapsed());
-    attempt
+    }
 }
 
 /// Reads a response body, keeping it only if it fits in `limit` bytes (the rest is read and discarded so that

@@ -33,7 +33,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::backend::{BackendAddr, Outcome};
 use crate::breaker::{Breaker, Change};
-use crate::delivery::{Answer, AttemptResult, BackendResult, Shared, send_attempt};
+use crate::delivery::{Answer, AttemptResult, BackendResult, Shared};
 use crate::forward::ForwardRequest;
 use crate::metrics::{BackendMetrics, DeadLetterReason};
 use crate::outbox::{DeadRow, DeliveredRow, Loaded, QueueRow, StoreError, now_ms};
@@ -103,8 +103,8 @@ pub struct QueueSettings {
 /// The budget's memory: first attempts older than this no longer earn retries (tower's `ttl`).
 const BUDGET_TTL: Duration = Duration::from_secs(10);
 
-/// A finished attempt: (order, was it a probe, result).
-type Finished = (u64, bool, AttemptResult);
+/// A finished attempt: (order, was it a probe, when it started, result).
+type Finished = (u64, bool, Instant, AttemptResult);
 
 /// One backend's worker. Run it with [`Worker::run`].
 pub struct Worker {
@@ -210,7 +210,8 @@ impl Worker {
                     }
                     None => closing = true,
                 },
-                Some((seq, probe, result)) = self.running.next(), if !self.running.is_empty() => {
+                Some((seq, probe, started, result)) = self.running.next(), if !self.running.is_empty() => {
+                    self.metrics.attempt(result.outcome, started.elapsed());
                     self.finished(seq, probe, result).await;
                 }
                 loaded = async { match self.load.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
@@ -350,15 +351,9 @@ impl Worker {
     fn start(&mut self, seq: u64, probe: bool) {
         let Some(e) = self.entries.get_mut(&seq) else { return };
         e.in_flight = true;
-        let client = self.shared.client().clone();
-        let url = self.addr.target(&e.request.path_and_query);
-        let request = e.request.clone();
-        let timeout = self.shared.attempt_timeout();
-        let metrics = self.metrics.clone();
-        self.running.push(Box::pin(async move {
-            let result = send_attempt(&client, &url, &request, timeout, &metrics).await;
-            (seq, probe, result)
-        }));
+        let attempt = self.shared.transport().send(&self.addr, e.request.clone());
+        let started = Instant::now();
+        self.running.push(Box::pin(async move { (seq, probe, started, attempt.await) }));
     }
 
     /// When the loop must wake up on its own: the earliest due entry, the probe, or a read to retry.
@@ -587,5 +582,276 @@ impl Worker {
             SystemTime::now().duration_since(accepted).map_or(0.0, |d| d.as_secs_f64())
         });
         self.metrics.oldest_pending().set(oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker on tokio's paused clock, with a scripted transport instead of HTTP and the in-memory store:
+    //! schedules are exact and an hour takes milliseconds.
+    //!
+    //! The store's writer is a real thread. While the runtime waits for it, a paused clock would jump from timer
+    //! to timer (every worker has a 1 s gauge tick), so each test stores its writes on the real clock first and
+    //! pauses the clock ([`tokio::time::pause`]) once they are in: from then on the workers never wait for the
+    //! store on the paths measured.
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use axum::http::{HeaderMap, Method, StatusCode};
+    use bytes::Bytes;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::backoff::Backoff;
+    use crate::config::AckPolicy;
+    use crate::delivery::{DispatchSettings, Dispatcher, Transport};
+    use crate::metrics::Metrics;
+    use crate::outbox::Outbox;
+    use crate::replay::Replays;
+
+    /// One attempt as the script saw it: backend, time since the script started, body, outcome.
+    type Seen = (String, Duration, String, Outcome);
+
+    /// The script's rule: (backend, body, how many times that backend saw that body) -> outcome.
+    type Rule = Box<dyn Fn(&str, &str, usize) -> Outcome + Send + Sync>;
+
+    /// A transport whose outcome is decided by a [`Rule`].
+    struct Script {
+        start: Instant,
+        seen: Mutex<Vec<Seen>>,
+        rule: Rule,
+    }
+
+    impl Script {
+        fn new(rule: impl Fn(&str, &str, usize) -> Outcome + Send + Sync + 'static) -> Arc<Self> {
+            Arc::new(Self { start: Instant::now(), seen: Mutex::default(), rule: Box::new(rule) })
+        }
+
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().expect("lock").clone()
+        }
+
+        fn at(&self, backend: &str) -> Vec<Seen> {
+            self.seen().into_iter().filter(|s| s.0 == backend).collect()
+        }
+    }
+
+    impl Transport for Script {
+        fn send(&self, backend: &BackendAddr, request: Arc<ForwardRequest>) -> BoxFuture<'static, AttemptResult> {
+            let body = String::from_utf8_lossy(&request.body).into_owned();
+            let mut seen = self.seen.lock().expect("lock");
+            let n = seen.iter().filter(|s| s.0 == backend.label() && s.2 == body).count();
+            let outcome = (self.rule)(backend.label(), &body, n);
+            seen.push((backend.label().to_owned(), self.start.elapsed(), body, outcome));
+            let status = match outcome {
+                Outcome::Success => Some(StatusCode::CREATED),
+                Outcome::Status5xx => Some(StatusCode::SERVICE_UNAVAILABLE),
+                Outcome::Rejected => Some(StatusCode::BAD_REQUEST),
+                _ => None,
+            };
+            let answer = status.map(|status| Answer { status, content_type: None, body: Bytes::new() });
+            Box::pin(async move { AttemptResult { outcome, answer, retry_after: None } })
+        }
+    }
+
+    const EXACT: Backoff =
+        Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(64), max_jitter: Duration::ZERO };
+
+    fn settings(backends: usize, queue: QueueSettings) -> DispatchSettings {
+        DispatchSettings {
+            pool: (1..=backends).map(|i| format!("b{i}:80").parse().expect("addr")).collect(),
+            backoff: EXACT,
+            max_attempts: 100,
+            attempt_timeout: Duration::from_secs(10),
+            ack: AckPolicy::First,
+            max_in_flight: 100_000,
+            max_pending: 1_000_000,
+            pool_idle_timeout: Duration::from_secs(1),
+            queue,
+        }
+    }
+
+    const NO_BREAKER: QueueSettings =
+        QueueSettings { concurrency: 64, breaker_failures: 0, budget_ratio: 1000.0, budget_min_per_sec: 1000 };
+
+    async fn dispatcher(settings: DispatchSettings, script: &Arc<Script>) -> (Dispatcher, Metrics) {
+        let outbox = Outbox::in_memory().expect("store");
+        let labels = settings.pool.iter().map(|b| b.label().to_owned()).collect();
+        let startup = outbox.startup(labels).await.expect("startup");
+        let metrics = Metrics::new();
+        let replays = Replays::new(Duration::from_secs(60), Vec::new(), 0);
+        let transport: Arc<dyn Transport> = script.clone();
+        (Dispatcher::with_transport(settings, metrics.clone(), outbox, replays, &startup, transport), metrics)
+    }
+
+    fn submit(d: &Dispatcher, user: &str, n: usize) -> crate::delivery::Submitted {
+        let request = ForwardRequest {
+            method: Method::POST,
+            path_and_query: "/changePassword".into(),
+            headers: HeaderMap::new(),
+            body: Bytes::from(format!("username={user}&password=p{n}")),
+        };
+        d.submit(Uuid::now_v7(), request, Some(user), None).expect("accepted")
+    }
+
+    /// Polls on the real clock (for up to 10 s) until `ready` holds, then pauses the clock.
+    async fn then_pause(what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = std::time::Duration::from_secs(10);
+        let polled = tokio::time::timeout(deadline, async {
+            while !ready() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        polled.await.unwrap_or_else(|_| panic!("not within 10 s: {what}"));
+        tokio::time::pause();
+    }
+
+    /// Waits (on the paused clock) for the clients' answers, then until nothing is unfinished, at most `within`.
+    async fn finished(d: &Dispatcher, submitted: Vec<crate::delivery::Submitted>, within: Duration) {
+        for s in submitted {
+            s.reply.await.expect("answered");
+        }
+        let deadline = Instant::now() + within;
+        while d.unfinished() > 0 {
+            assert!(Instant::now() < deadline, "{} deliveries unfinished after {within:?}", d.unfinished());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn gaps(times: &[Duration]) -> Vec<u64> {
+        // To the nearest second: tokio's timer has a 1 ms grain.
+        times.windows(2).map(|w| ((w[1] - w[0]).as_millis() as u64 + 500) / 1000).collect()
+    }
+
+    #[tokio::test]
+    async fn retries_follow_the_schedule_on_the_clock() {
+        let script = Script::new(|_, _, n| if n < 4 { Outcome::Status5xx } else { Outcome::Success });
+        let (d, _) = dispatcher(settings(1, NO_BREAKER), &script).await;
+        let s = vec![submit(&d, "ann", 0)];
+        then_pause("the first attempt", || !script.seen().is_empty()).await;
+        finished(&d, s, Duration::from_secs(60)).await;
+        let times: Vec<Duration> = script.seen().iter().map(|s| s.1).collect();
+        // (The first wait started on the real clock, a moment before the pause.)
+        assert_eq!(gaps(&times), [1, 2, 4, 8], "1 s doubling, no jitter");
+    }
+
+    #[tokio::test]
+    async fn a_users_failing_write_holds_back_only_that_user() {
+        // b1 refuses ann's first write three times; everything else goes through at once.
+        let script =
+            Script::new(
+                |_, body, n| {
+                    if body.contains("ann&password=p0") && n < 3 { Outcome::Status5xx } else { Outcome::Success }
+                },
+            );
+        let (d, _) = dispatcher(settings(1, NO_BREAKER), &script).await;
+        let s = vec![submit(&d, "ann", 0), submit(&d, "bob", 0), submit(&d, "ann", 1), submit(&d, "bob", 1)];
+        then_pause("bob's writes and ann's first", || script.seen().len() >= 3).await;
+        finished(&d, s, Duration::from_secs(60)).await;
+        let bodies: Vec<String> = script.seen().into_iter().map(|s| s.2).collect();
+        assert_eq!(
+            bodies,
+            [
+                "username=ann&password=p0",
+                "username=bob&password=p0",
+                "username=bob&password=p1",
+                "username=ann&password=p0",
+                "username=ann&password=p0",
+                "username=ann&password=p0",
+                "username=ann&password=p1",
+            ],
+            "bob never waits for ann; ann's second write waits for her first"
+        );
+    }
+
+    /// The hour-long outage, on the paused clock: 10 000 writes (100 users x 100 each) wait for a dead
+    /// backend; it gets the breaker's probes only; once back, the queue (most of it read back from the store,
+    /// past the window) drains with every user's writes in order, each delivered once.
+    #[tokio::test]
+    async fn an_hour_long_outage_costs_only_probes_then_the_queue_drains_in_order() {
+        let down = Arc::new(AtomicBool::new(true));
+        let flag = down.clone();
+        let script = Script::new(move |backend, _, _| {
+            if backend == "b2:80" && flag.load(Ordering::Relaxed) { Outcome::Connect } else { Outcome::Success }
+        });
+        let queue = QueueSettings { concurrency: 64, breaker_failures: 5, budget_ratio: 0.2, budget_min_per_sec: 10 };
+        let (d, metrics) = dispatcher(settings(2, queue), &script).await;
+        let mut submitted = Vec::new();
+        for n in 0..100 {
+            for u in 0..100 {
+                submitted.push(submit(&d, &format!("user{u}"), n));
+            }
+            tokio::task::yield_now().await;
+        }
+        // Acknowledged by b1 (the `first` policy), so stored.
+        for s in submitted {
+            s.reply.await.expect("answered");
+        }
+        then_pause("the breaker opened", || metrics.render().contains("fanout_breaker_state{backend=\"b2:80\"} 1"))
+            .await;
+        let outage = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let attempts = script.at("b2:80").len();
+        // 5 failures open the breaker (with at most 64 on the wire), then one probe per step of the schedule:
+        // 1 + 2 + ... + 32 s, then one every 64 s.
+        let probes = 6 + (3600 - 63) / 64;
+        assert!(attempts <= 5 + 64 + probes + 2, "{attempts} attempts in the outage; the schedule allows ~{probes}");
+        assert!(metrics.render().contains("fanout_breaker_state{backend=\"b2:80\"} 1"));
+
+        down.store(false, Ordering::Relaxed);
+        // The next probe (at most 64 s away) closes the breaker; then the queue drains at once.
+        finished(&d, Vec::new(), Duration::from_secs(600)).await;
+        assert!(outage.elapsed() >= Duration::from_secs(3600));
+        let delivered: Vec<String> =
+            script.at("b2:80").into_iter().filter(|s| s.3 == Outcome::Success).map(|s| s.2).collect();
+        assert_eq!(delivered.len(), 10_000, "each write delivered once");
+        for u in 0..100 {
+            let mine = format!("username=user{u}&");
+            let order: Vec<usize> = delivered
+                .iter()
+                .filter(|b| b.starts_with(&mine))
+                .map(|b| b.rsplit('p').next().and_then(|n| n.parse().ok()).expect("n"))
+                .collect();
+            assert_eq!(order, (0..100).collect::<Vec<_>>(), "user{u} in acceptance order");
+        }
+        assert!(metrics.render().contains("fanout_breaker_state{backend=\"b2:80\"} 0"));
+    }
+
+    #[tokio::test]
+    async fn retries_to_a_backend_failing_half_its_attempts_stay_within_the_budget() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let script = Script::new(move |_, _, _| {
+            if counter.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
+                Outcome::Status5xx
+            } else {
+                Outcome::Success
+            }
+        });
+        let queue = QueueSettings { concurrency: 64, breaker_failures: 0, budget_ratio: 0.2, budget_min_per_sec: 10 };
+        let (d, metrics) = dispatcher(settings(1, queue), &script).await;
+        let submitted: Vec<_> = (0..1000).map(|u| submit(&d, &format!("user{u}"), 0)).collect();
+        then_pause("every write's first attempt", || {
+            let seen = script.seen();
+            seen.iter().map(|s| &s.2).collect::<std::collections::HashSet<_>>().len() == 1000
+        })
+        .await;
+        // Well within the budget's 10 s memory (older tokens and withdrawals expire: the reserve comes back).
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let attempts = script.seen().len();
+        let retries = attempts - 1000;
+        // 20 % of the 1000 first attempts, plus a reserve of 10/s over the 10 s memory.
+        assert!(retries <= 200 + 100 + 1, "{retries} retries for 1000 writes");
+        assert!(retries >= 200, "the budget was used: {retries}");
+        let text = metrics.render();
+        let deferred = text
+            .lines()
+            .find_map(|l| l.strip_prefix("fanout_retry_budget_exhausted_total{backend=\"b1:80\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("series");
+        assert!(deferred > 0.0, "retries were deferred");
+        // Nothing is dropped: given time, every write is delivered.
+        finished(&d, submitted, Duration::from_secs(3600)).await;
     }
 }

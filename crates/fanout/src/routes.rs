@@ -255,7 +255,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.dispatcher.ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: at --max-in-flight or --max-pending, the outbox failing, or shutting down\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: at --max-in-flight or --max-pending, the outbox failing, or shutting down\n",
+        )
+            .into_response()
     }
 }
 
