@@ -30,8 +30,13 @@ reg=$(curl -fsS -X POST -d 'username=schef' -d 'password=example' "$lb/register"
 case "$reg" in "register on server"*) ;; *) fail "register answered: $reg" ;; esac
 chg=$(curl -fsS -X POST -d 'username=schef' -d 'password=example' "$lb/changePassword")
 case "$chg" in "password changed on server"*) ;; *) fail "changePassword answered: $chg" ;; esac
-curl -fsS "$lb/nginx_status" | grep -q "Active connections" || fail "/nginx_status"
-curl -fsS "$lb/metrics" | grep -q '^Total_domains_success_counter_total' || fail "/metrics"
+# Read each page whole before matching: `grep -q` stops at the first match, and curl writing into a closed pipe
+# fails the pipeline (pipefail) once a page is larger than the pipe buffer, as /metrics is.
+status=$(curl -fsS "$lb/nginx_status") || fail "/nginx_status"
+grep -q "Active connections" <<<"$status" || fail "/nginx_status: $status"
+metrics=$(curl -fsS "$lb/metrics") || fail "/metrics"
+grep -q '^Total_domains_success_counter_total' <<<"$metrics" || fail "/metrics lacks the original's series"
+grep -q '^fanout_breaker_state' <<<"$metrics" || fail "/metrics lacks the queue series"
 
 # The user reaches every backend (server3 may need a retry or two).
 IFS=, read -r -a ports <<<"$BACKEND_PORTS"
