@@ -24,13 +24,26 @@ fail() { say "make run: $*" >&2; exit 1; }
 
 NGINX=${NGINX_BIN:-$("$root/scripts/ensure-nginx.sh")} || fail "nginx is required"
 
+# Cargo's output directory: CARGO_TARGET_DIR when set (relative to the repository, as cargo takes it from here).
+target=${CARGO_TARGET_DIR:-target}
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
 if [ "$PROFILE" = release ]; then
   cargo build --release --workspace --bins
-  bin="$root/target/release"
+  bin="$target/release"
 else
   cargo build --workspace --bins
-  bin="$root/target/debug"
+  bin="$target/debug"
 fi
+
+# Every port must be free before anything starts: a port held by another process would otherwise make a
+# process of this stack exit (or, worse, let another server answer in its place).
+for spec in "nginx:$NGINX_PORT" "fanout:$FANOUT_PORT" "fanout metrics:$FANOUT_METRICS_PORT" \
+  $(IFS=,; for p in $BACKEND_PORTS; do echo "backend:$p"; done); do
+  port=${spec##*:}
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    fail "port $port (${spec%:*}) is already in use; pick another, e.g. NGINX_PORT=8081 FANOUT_PORT=9081 FANOUT_METRICS_PORT=9010 BACKEND_PORTS=9011,9012,9013 make run"
+  fi
+done
 
 mkdir -p "$RUN_DIR/logs"
 pids=()
@@ -64,9 +77,14 @@ start() {
 # wait_http NAME URL: polls URL until it answers 200, for up to 20 s; fails at once if the last process exited.
 wait_http() {
   local pid=${pids[-1]}
-  for _ in $(seq 1 200); do
-    if curl -fsS -o /dev/null "$2" 2>/dev/null; then return 0; fi
+  for _ in $(seq 1 100); do
     kill -0 "$pid" 2>/dev/null || fail "$1 exited: $(tail -n 3 "$RUN_DIR/logs/$1.log")"
+    if curl -fsS --max-time 1 -o /dev/null "$2" 2>/dev/null; then
+      # Still running once it answered: the answer was its own.
+      sleep 0.1
+      kill -0 "$pid" 2>/dev/null || fail "$1 exited: $(tail -n 3 "$RUN_DIR/logs/$1.log")"
+      return 0
+    fi
     sleep 0.1
   done
   fail "$1 did not answer $2 within 20 s; see $RUN_DIR/logs/$1.log"

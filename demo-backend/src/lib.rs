@@ -262,7 +262,9 @@ impl DemoBackend {
                 }
             }
         };
-        if let Some(k) = key {
+        // Only a write that changed something is remembered: a refused one (400, 404) applied nothing, so the same
+        // write sent again under its key (a redrive after the cause was fixed) is judged afresh.
+        if let Some(k) = key.filter(|_| answer.0 == StatusCode::CREATED) {
             if store.applied_order.len() >= IDEMPOTENCY_MEMORY
                 && let Some(old) = store.applied_order.pop_front()
             {
@@ -447,6 +449,13 @@ mod tests {
         assert_eq!(b.apply("/changePassword", &h2, &body2).0, StatusCode::CREATED);
         assert_eq!(b.apply("/changePassword", &h2, &body2).0, StatusCode::CREATED);
         assert_eq!(b.users().users[0].version, 2);
+        // A refused write is not remembered either: once its cause is gone, the same key applies.
+        let (mut h3, body3) = form("username=ghost&password=x");
+        h3.insert("idempotency-key", HeaderValue::from_static("k3"));
+        assert_eq!(b.apply("/changePassword", &h3, &body3).0, StatusCode::NOT_FOUND);
+        let (h4, body4) = form("username=ghost&password=y");
+        assert_eq!(b.apply("/register", &h4, &body4).0, StatusCode::CREATED);
+        assert_eq!(b.apply("/changePassword", &h3, &body3).0, StatusCode::CREATED);
     }
 
     #[test]

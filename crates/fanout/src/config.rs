@@ -61,7 +61,8 @@ pub struct Config {
     #[arg(long, allow_hyphen_values = true, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Port of the Prometheus listener (`GET /metrics`), on the same IP as `--listen`. 0 picks a free port.
+    /// Port of the metrics and admin listener (`GET /metrics`; the dead-letter routes, which change state: keep
+    /// it private), on the same IP as `--listen`. 0 picks a free port.
     #[arg(long, allow_hyphen_values = true, env = "METRICS_PORT", default_value_t = 8000)]
     pub metrics_port: u16,
 

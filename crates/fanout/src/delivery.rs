@@ -630,11 +630,7 @@ impl Dispatcher {
     /// When the store fails; nothing moved then.
     pub async fn redrive(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, StoreError> {
         let moved = self.shared.outbox.redrive(backend, id.map(|i| i.as_u128())).await?;
-        let mut per_backend: HashMap<&str, u64> = HashMap::new();
-        for (b, _) in &moved {
-            *per_backend.entry(b.as_str()).or_default() += 1;
-        }
-        for (b, n) in per_backend {
+        for (b, n) in per_backend(&moved) {
             match self.shared.labels.iter().position(|l| &**l == b) {
                 Some(i) => {
                     let _ = self.shared.queues[i].send(Msg::Redriven(n));
@@ -645,6 +641,22 @@ impl Dispatcher {
             }
         }
         Ok(moved.len())
+    }
+
+    /// Deletes dead letters for good (of one backend, of one delivery, or both); returns how many. The writes
+    /// they held will not reach those backends.
+    ///
+    /// # Errors
+    /// When the store fails; nothing is deleted then.
+    pub async fn discard(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, StoreError> {
+        let gone = self.shared.outbox.discard(backend, id.map(|i| i.as_u128())).await?;
+        for (b, n) in per_backend(&gone) {
+            tracing::warn!(backend = b, n, "dead letters discarded: these writes will not reach this backend");
+            if let Some(i) = self.shared.labels.iter().position(|l| &**l == b) {
+                let _ = self.shared.queues[i].send(Msg::Discarded(n));
+            }
+        }
+        Ok(gone.len())
     }
 
     /// True when `label` is a backend of the pool.
@@ -697,6 +709,15 @@ impl Dispatcher {
     pub fn durable(&self) -> bool {
         self.shared.outbox.durable()
     }
+}
+
+/// How many of `rows` (backend, order) each backend has.
+fn per_backend(rows: &[(String, u64)]) -> HashMap<&str, u64> {
+    let mut counts: HashMap<&str, u64> = HashMap::new();
+    for (b, _) in rows {
+        *counts.entry(b.as_str()).or_default() += 1;
+    }
+    counts
 }
 
 /// One attempt: the request with the shared body, bounded by `timeout` from connect to the last body byte.

@@ -189,7 +189,11 @@ pub async fn run(
     let _ = stop_api.send(true);
     let pending = dispatcher.close(config.shutdown_timeout).await;
     if pending > 0 && dispatcher.durable() {
-        tracing::info!(pending, "deliveries still pending stay in the outbox and resume at the next start");
+        tracing::info!(
+            pending,
+            "deliveries still pending stay in the outbox and resume at the next start (dead letters included: \
+             see GET /dead-letters on the admin port)"
+        );
     } else if pending > 0 {
         tracing::warn!(pending, "deliveries still pending at exit are lost: their backends may miss these writes");
     } else {

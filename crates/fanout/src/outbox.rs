@@ -319,6 +319,11 @@ enum Op {
         id: Option<u128>,
         done: Done<Vec<(String, u64)>>,
     },
+    Discard {
+        backend: Option<String>,
+        id: Option<u128>,
+        done: Done<Vec<(String, u64)>>,
+    },
     DeadLetters {
         backend: Option<String>,
         limit: usize,
@@ -509,6 +514,15 @@ impl Outbox {
     /// When the store fails.
     pub async fn redrive(&self, backend: Option<String>, id: Option<u128>) -> Result<Vec<(String, u64)>, StoreError> {
         self.call(|done| Op::Redrive { backend, id, done }).await
+    }
+
+    /// Deletes dead letters for good (of one backend, of one delivery, of both, or all), durably; a delivery no
+    /// backend holds any more is removed. Returns the (backend, order) of every dead letter deleted.
+    ///
+    /// # Errors
+    /// When the store fails; nothing is deleted then.
+    pub async fn discard(&self, backend: Option<String>, id: Option<u128>) -> Result<Vec<(String, u64)>, StoreError> {
+        self.call(|done| Op::Discard { backend, id, done }).await
     }
 
     /// Up to `limit` dead letters, of one backend or all, oldest first per backend.
@@ -724,6 +738,14 @@ impl Writer {
                     let r = self.own_txn(|txn| redrive(txn, backend.as_deref(), id));
                     let _ = done.send(r);
                 }
+                Op::Discard { backend, id, done } => {
+                    let r = self.own_txn(|txn| discard(txn, backend.as_deref(), id));
+                    if let Ok((_, removed)) = &r {
+                        let removed = (*removed).min(self.unfinished.load(Ordering::Relaxed));
+                        self.unfinished.fetch_sub(removed, Ordering::Relaxed);
+                    }
+                    let _ = done.send(r.map(|(gone, _)| gone));
+                }
                 Op::Startup { pool, done } => {
                     let r = self.own_txn(|txn| startup(txn, &pool));
                     let _ = done.send(r);
@@ -936,6 +958,54 @@ fn view(db: &Database, id: u128) -> Result<Option<DeliveryView>, StoreError> {
     Ok(Some(DeliveryView { accepted_at_ms: d.accepted_at_ms, backends }))
 }
 
+/// The dead letters matching the filters: (backend, order, delivery id).
+fn matching_dead(
+    dead: &redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    backend: Option<&str>,
+    id: Option<u128>,
+) -> Result<Vec<(String, u64, u128)>, StoreError> {
+    let range = match backend {
+        Some(b) => dead.range((b, 0)..=(b, u64::MAX)),
+        None => dead.range::<(&str, u64)>(..),
+    }
+    .map_err(StoreError::from)?;
+    let mut out = Vec::new();
+    for entry in range {
+        let (k, v) = entry.map_err(StoreError::from)?;
+        let row: DeadRow = decode(v.value())?;
+        if id.is_none_or(|id| id == row.id) {
+            let (b, seq) = k.value();
+            out.push((b.to_owned(), seq, row.id));
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes matching dead letters; returns them and how many deliveries were removed with them.
+fn discard(
+    txn: &redb::WriteTransaction,
+    backend: Option<&str>,
+    id: Option<u128>,
+) -> Result<(Vec<(String, u64)>, u64), StoreError> {
+    let mut dead = txn.open_table(DEAD).map_err(StoreError::from)?;
+    let mut refs = txn.open_table(REFS).map_err(StoreError::from)?;
+    let mut deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
+    let gone = matching_dead(&dead, backend, id)?;
+    let mut removed = 0;
+    for (b, seq, row_id) in &gone {
+        dead.remove((b.as_str(), *seq)).map_err(StoreError::from)?;
+        let left = refs.get(*row_id).map_err(StoreError::from)?.map_or(0, |v| v.value()).saturating_sub(1);
+        if left == 0 {
+            refs.remove(*row_id).map_err(StoreError::from)?;
+            deliveries.remove(*row_id).map_err(StoreError::from)?;
+            removed += 1;
+        } else {
+            refs.insert(*row_id, left).map_err(StoreError::from)?;
+        }
+    }
+    Ok((gone.into_iter().map(|(b, seq, _)| (b, seq)).collect(), removed))
+}
+
 fn redrive(
     txn: &redb::WriteTransaction,
     backend: Option<&str>,
@@ -943,22 +1013,7 @@ fn redrive(
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let mut dead = txn.open_table(DEAD).map_err(StoreError::from)?;
     let mut queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
-    let mut moved = Vec::new();
-    {
-        let range = match backend {
-            Some(b) => dead.range((b, 0)..=(b, u64::MAX)),
-            None => dead.range::<(&str, u64)>(..),
-        }
-        .map_err(StoreError::from)?;
-        for entry in range {
-            let (k, v) = entry.map_err(StoreError::from)?;
-            let row: DeadRow = decode(v.value())?;
-            if id.is_none_or(|id| id == row.id) {
-                let (b, seq) = k.value();
-                moved.push((b.to_owned(), seq, row.id));
-            }
-        }
-    }
+    let moved = matching_dead(&dead, backend, id)?;
     for (b, seq, row_id) in &moved {
         dead.remove((b.as_str(), *seq)).map_err(StoreError::from)?;
         queue

@@ -58,6 +58,8 @@ pub enum Msg {
     Dropped(u64),
     /// This many dead letters of this backend were put back in its queue: read the queue again.
     Redriven(u64),
+    /// This many dead letters of this backend were deleted.
+    Discarded(u64),
 }
 
 /// A new write for one backend.
@@ -271,6 +273,10 @@ impl Worker {
                     self.leave_fifo(seq, e.key.as_ref());
                 }
             }
+            Msg::Discarded(n) => {
+                self.dead = self.dead.saturating_sub(n);
+                self.metrics.dead_letters().set(self.dead as f64);
+            }
             Msg::Redriven(n) => {
                 self.pending += n;
                 self.dead = self.dead.saturating_sub(n);
@@ -475,7 +481,15 @@ impl Worker {
                 } else {
                     self.shared.backoff().delay_with_hint(attempts - 1, result.retry_after, &mut rand::rng())
                 };
-                if !probe {
+                if probe {
+                    let next = self.breaker.probe_due().map_or(0, |at| at.saturating_duration_since(now).as_millis());
+                    tracing::info!(
+                        backend = %self.addr,
+                        outcome = outcome.as_str(),
+                        next_probe_ms = u64::try_from(next).unwrap_or(u64::MAX),
+                        "backend still down: probe failed"
+                    );
+                } else if self.breaker.is_closed() {
                     tracing::info!(
                         backend = %self.addr,
                         delivery_id = %uuid::Uuid::from_u128(id),

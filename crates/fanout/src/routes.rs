@@ -10,7 +10,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, OriginalUri, Pat
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -69,6 +69,9 @@ pub enum ApiError {
     /// A delivery id that is unknown or was forgotten.
     #[error("no delivery with this id (finished ones are kept for the newest --delivery-history)")]
     UnknownDelivery,
+    /// No dead letter for this delivery id (and backend, if named).
+    #[error("no dead letter for this delivery id")]
+    NoDeadLetter,
     /// A backend that is not in the pool.
     #[error("no backend {0:?} in --backends")]
     UnknownBackend(String),
@@ -87,7 +90,7 @@ impl IntoResponse for ApiError {
             ApiError::BadHeader(_) => StatusCode::BAD_REQUEST,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::UnknownDelivery | ApiError::UnknownBackend(_) => StatusCode::NOT_FOUND,
+            ApiError::UnknownDelivery | ApiError::UnknownBackend(_) | ApiError::NoDeadLetter => StatusCode::NOT_FOUND,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyInProgress => StatusCode::CONFLICT,
@@ -130,8 +133,9 @@ pub fn api_router(state: AppState, max_body: usize) -> Router {
 }
 
 /// The admin router, on the metrics port only (never behind nginx): `GET /metrics` (Prometheus text format
-/// 0.0.4), `GET /healthz`, `GET /dead-letters[?backend=B&limit=N]`, `POST /dead-letters/{id}/redrive[?backend=B]`
-/// and `POST /dead-letters/redrive[?backend=B]`.
+/// 0.0.4), `GET /healthz`, `GET /dead-letters[?backend=B&limit=N]`, `POST /dead-letters/{id}/redrive[?backend=B]`,
+/// `POST /dead-letters/redrive[?backend=B]` (every backend without `backend`), `DELETE /dead-letters/{id}
+/// [?backend=B]` and `DELETE /dead-letters?backend=B` (a bulk delete must name its backend).
 pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher) -> Router {
     let metrics_route = get(|State(a): State<Admin>| async move {
         // Read at scrape time: the store's count is exact, a periodic copy would lag.
@@ -141,7 +145,8 @@ pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher) -> Router {
     Router::new()
         .route("/metrics", metrics_route)
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/dead-letters", get(list_dead_letters))
+        .route("/dead-letters", get(list_dead_letters).delete(discard_all))
+        .route("/dead-letters/{id}", delete(discard_one))
         .route("/dead-letters/redrive", post(redrive_all))
         .route("/dead-letters/{id}/redrive", post(redrive_one))
         .fallback(not_found)
@@ -212,13 +217,39 @@ async fn redrive_one(
     Path(id): Path<String>,
     q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::UnknownDelivery)?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NoDeadLetter)?;
     let backend = admin.backend(query(q)?.backend)?;
     let n = admin.dispatcher.redrive(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
     if n == 0 {
-        return Err(ApiError::UnknownDelivery);
+        return Err(ApiError::NoDeadLetter);
     }
     Ok(Json(json!({ "redriven": n })).into_response())
+}
+
+async fn discard_all(
+    State(admin): State<Admin>,
+    q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let backend = query(q)?.backend.ok_or_else(|| {
+        ApiError::BadQuery("name the backend whose dead letters to delete: ?backend=host:port".to_owned())
+    })?;
+    let backend = admin.backend(Some(backend))?;
+    let n = admin.dispatcher.discard(backend, None).await.map_err(|_| ApiError::StoreUnavailable)?;
+    Ok(Json(json!({ "discarded": n })).into_response())
+}
+
+async fn discard_one(
+    State(admin): State<Admin>,
+    Path(id): Path<String>,
+    q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NoDeadLetter)?;
+    let backend = admin.backend(query(q)?.backend)?;
+    let n = admin.dispatcher.discard(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
+    if n == 0 {
+        return Err(ApiError::NoDeadLetter);
+    }
+    Ok(Json(json!({ "discarded": n })).into_response())
 }
 
 /// Counts every answered request by matched route and status, and times it.

@@ -187,6 +187,22 @@ async fn a_write_a_backend_rejects_is_a_dead_letter_at_once_and_redrive_delivers
         metric(&lb, &format!("fanout_dead_letters_total{{backend=\"{picky}\",reason=\"rejected\"}}")).await,
         Some(1.0)
     );
+
+    // A dead letter that will never be wanted is deleted for good; its delivery is then finished.
+    pool[1].backend.fail_next(&[StatusCode::BAD_REQUEST]);
+    let resp = post_form(&lb.url("/register"), "username=unwanted&password=pw").await;
+    let unwanted = resp.headers()["x-delivery-id"].to_str().expect("id").to_owned();
+    eventually(WAIT, "a second dead letter", || async { get_json(&admin(&lb, "/dead-letters")).await["count"] == 1 })
+        .await;
+    let bulk = client.delete(admin(&lb, "/dead-letters")).send().await.expect("delete");
+    assert_eq!(bulk.status(), StatusCode::BAD_REQUEST, "a bulk delete must name its backend");
+    let gone = client.delete(admin(&lb, &format!("/dead-letters/{unwanted}"))).send().await.expect("delete");
+    assert_eq!(gone.json::<Value>().await.expect("json")["discarded"], 1);
+    let again = client.delete(admin(&lb, &format!("/dead-letters/{unwanted}"))).send().await.expect("delete");
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    assert_eq!(get_json(&admin(&lb, "/dead-letters")).await["count"], 0);
+    assert_eq!(metric(&lb, &format!("fanout_dead_letters{{backend=\"{picky}\"}}")).await, Some(0.0));
+    assert_eq!(metric(&lb, "fanout_deliveries_in_flight").await, Some(0.0), "nothing left unfinished");
     lb.stop().await;
 }
 

@@ -231,8 +231,12 @@ async fn sigterm_with_a_pending_delivery(data_dir_args: &[&str], expected_log: &
 
 #[tokio::test]
 async fn sigterm_drains_then_leaves_pending_deliveries_in_the_outbox() {
-    sigterm_with_a_pending_delivery(&[], "deliveries still pending stay in the outbox and resume at the next start")
-        .await;
+    sigterm_with_a_pending_delivery(
+        &[],
+        "deliveries still pending stay in the outbox and resume at the next start (dead letters included: see GET \
+         /dead-letters on the admin port)",
+    )
+    .await;
 }
 
 #[tokio::test]
