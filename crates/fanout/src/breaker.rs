@@ -9,7 +9,8 @@
 //!   `--max-backoff`, with jitter) the worker sends the oldest eligible entry as the single probe: half-open.
 //! - **Half-open**: one probe on the wire, nothing else. A transient failure opens the breaker again with the next,
 //!   longer probe wait; any other answer closes it, and the worker makes every waiting entry due at once, so the
-//!   queue drains oldest first at its bounded concurrency.
+//!   queue drains oldest first at its bounded concurrency. Answers to attempts sent before the breaker opened do
+//!   not close it: only the probe's does.
 //!
 //! The same shape as Envoy's outlier detection (consecutive 5xx ejection) and Hystrix's breaker, except that
 //! nothing is failed fast: a paused queue keeps its writes.
@@ -104,11 +105,21 @@ impl Breaker {
         }
     }
 
-    /// The backend answered with something other than a transient failure (to a probe or to any attempt).
-    pub fn answered(&mut self) -> Change {
-        let was_closed = self.is_closed();
-        self.state = State::Closed { failures: 0 };
-        if was_closed { Change::None } else { Change::Closed }
+    /// The backend answered with something other than a transient failure. While closed, that resets the count;
+    /// while open or half-open only the probe's answer closes the breaker: an attempt sent before it opened
+    /// proves little (a flaky backend would otherwise open and close it over and over).
+    pub fn answered(&mut self, probe: bool) -> Change {
+        match self.state {
+            State::Closed { .. } => {
+                self.state = State::Closed { failures: 0 };
+                Change::None
+            }
+            State::HalfOpen { .. } if probe => {
+                self.state = State::Closed { failures: 0 };
+                Change::Closed
+            }
+            State::Open { .. } | State::HalfOpen { .. } => Change::None,
+        }
     }
 
     /// A transient failure; `retry_after` is the backend's hint, if it sent one. A probe's failure reopens the
@@ -151,12 +162,14 @@ mod tests {
         let now = Instant::now();
         let mut b = Breaker::new(3, EXACT);
         assert_eq!(b.failed(false, now, None), Change::None);
-        assert_eq!(b.answered(), Change::None, "an answer resets the count");
+        assert_eq!(b.answered(false), Change::None, "an answer resets the count");
         assert_eq!(b.failed(false, now, None), Change::None);
         assert_eq!(b.failed(false, now, None), Change::None);
         assert_eq!(b.failed(false, now, None), Change::Opened);
         assert_eq!(b.probe_due(), Some(now + Duration::from_secs(1)));
         assert_eq!(b.failed(false, now, None), Change::None, "late failures change nothing");
+        assert_eq!(b.answered(false), Change::None, "nor does a late success: only the probe closes it");
+        assert!(!b.is_closed());
         let mut waits = Vec::new();
         for _ in 0..8 {
             let due = b.probe_due().expect("open");
@@ -168,7 +181,8 @@ mod tests {
         }
         assert_eq!(waits, [2, 4, 8, 16, 32, 64, 64, 64]);
         b.probing();
-        assert_eq!(b.answered(), Change::Closed);
+        assert_eq!(b.answered(false), Change::None, "an older attempt's answer while the probe is out");
+        assert_eq!(b.answered(true), Change::Closed);
         assert!(b.is_closed());
     }
 

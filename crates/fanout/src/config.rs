@@ -262,11 +262,12 @@ impl Config {
             "RETRY_BUDGET_RATIO",
             "between 0 and 1000",
         )?;
+        // At least 1: with no floor, a retry refused by the budget after traffic stopped would wait for good.
         range(
-            self.retry_budget_min_per_sec <= 1_000_000,
+            (1..=1_000_000).contains(&self.retry_budget_min_per_sec),
             "retry-budget-min-per-sec",
             "RETRY_BUDGET_MIN_PER_SEC",
-            "at most 1000000",
+            "between 1 and 1000000 (a floor of 0 would leave retries waiting for good once traffic stops)",
         )?;
 
         let entries: Vec<&str> = self.backends.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
@@ -412,6 +413,7 @@ mod tests {
             (&["--backends", "a:1", "--retry-budget-ratio", "-0.5"], "--retry-budget-ratio"),
             (&["--backends", "a:1", "--retry-budget-ratio", "NaN"], "--retry-budget-ratio"),
             (&["--backends", "a:1", "--retry-budget-min-per-sec", "2000000"], "--retry-budget-min-per-sec"),
+            (&["--backends", "a:1", "--retry-budget-min-per-sec", "0"], "--retry-budget-min-per-sec"),
             (&["--backends", "a:1", "--max-backoff", "18446744073709551615s"], "--max-backoff"),
             (&["--backends", "a:1", "--max-jitter", "2d"], "--max-jitter"),
             (&["--backends", "a:1", "--pool-idle-timeout", "100000h"], "--pool-idle-timeout"),

@@ -433,6 +433,23 @@ impl Shared {
         }
     }
 
+    /// Every backend refused delivery `id` and the store dropped its dead letters from `backends`: their
+    /// workers' gauges follow.
+    pub fn refused_everywhere(&self, id: u128, backends: &[String]) {
+        if backends.is_empty() {
+            return;
+        }
+        tracing::info!(
+            delivery_id = %Uuid::from_u128(id),
+            "every backend refused this write: applied nowhere, its dead letters are dropped"
+        );
+        for b in backends {
+            if let Some(i) = self.labels.iter().position(|l| **l == **b) {
+                let _ = self.queues[i].send(Msg::Discarded(1));
+            }
+        }
+    }
+
     fn broadcast(&self, msg: impl Fn() -> Msg) {
         for q in &self.queues {
             let _ = q.send(msg());

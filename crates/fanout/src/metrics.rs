@@ -46,7 +46,7 @@ pub const OLDEST_PENDING: &str = "fanout_oldest_pending_seconds";
 pub const DEAD_LETTERS_NOW: &str = "fanout_dead_letters";
 /// A backend's circuit breaker: 0 closed, 1 open, 2 half-open.
 pub const BREAKER_STATE: &str = "fanout_breaker_state";
-/// Retries a backend's retry budget deferred.
+/// Retries a backend's retry budget deferred (each counted once however long it waited).
 pub const BUDGET_EXHAUSTED: &str = "fanout_retry_budget_exhausted_total";
 /// 1 when the backend's last attempt got an HTTP answer, 0 when it failed to connect, timed out or broke.
 pub const BACKEND_UP: &str = "fanout_backend_up";
@@ -132,7 +132,12 @@ impl Metrics {
             (OLDEST_PENDING, Kind::Gauge, Some(Unit::Seconds), "Age of the oldest entry in a backend's queue."),
             (DEAD_LETTERS_NOW, Kind::Gauge, None, "Dead letters a backend holds now (until redriven)."),
             (BREAKER_STATE, Kind::Gauge, None, "A backend's circuit breaker: 0 closed, 1 open, 2 half-open."),
-            (BUDGET_EXHAUSTED, Kind::Counter, None, "Retries deferred because the backend's retry budget was spent."),
+            (
+                BUDGET_EXHAUSTED,
+                Kind::Counter,
+                None,
+                "Retries deferred (once each) because the backend's retry budget was spent.",
+            ),
             (BACKEND_UP, Kind::Gauge, None, "1 if the backend's last attempt got an HTTP answer, else 0."),
             (REJECTED, Kind::Counter, None, "Writes refused with 503 at --max-in-flight or --max-pending."),
         ];

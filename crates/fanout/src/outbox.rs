@@ -300,6 +300,10 @@ enum Op {
         seq: u64,
         row: DeadRow,
     },
+    DropRefused {
+        id: u128,
+        done: Done<Vec<String>>,
+    },
     Tick {
         window_ms: u64,
         keep_delivered: u64,
@@ -355,6 +359,7 @@ impl Op {
                 | Op::Progress { .. }
                 | Op::Delivered { .. }
                 | Op::DeadLetter { .. }
+                | Op::DropRefused { .. }
         )
     }
 }
@@ -490,6 +495,13 @@ impl Outbox {
     /// Removes a backend's queue entry after a `201`; removes the delivery once no backend holds it.
     pub async fn delivered(&self, backend: &Arc<str>, seq: u64, id: u128, row: DeliveredRow) {
         let _ = self.ops.send(Op::Delivered { backend: backend.clone(), seq, id, row }).await;
+    }
+
+    /// When every backend refused delivery `id` (each holds it as a `rejected` dead letter), removes those dead
+    /// letters and the delivery: the write was applied nowhere, so no backend diverged and there is nothing to
+    /// redrive (its client was told). Returns the backends whose dead letter was removed (empty otherwise).
+    pub async fn drop_refused(&self, id: u128) -> Vec<String> {
+        self.call(|done| Op::DropRefused { id, done }).await.unwrap_or_default()
     }
 
     /// Moves a backend's queue entry to its dead letters.
@@ -688,11 +700,13 @@ impl Writer {
         if !writes.is_empty() {
             let durable = writes.iter().any(|op| matches!(op, Op::Accept { .. } | Op::Flush { .. }));
             let result = self.db().and_then(|db| apply(db, &writes, durable));
+            let mut dropped = HashMap::new();
             let result = match result {
                 Ok(delta) => {
                     self.healthy.store(true, Ordering::Relaxed);
                     self.dirty = !durable;
-                    let (added, removed) = delta;
+                    let (added, removed, gone) = delta;
+                    dropped = gone;
                     self.unfinished.fetch_add(added, Ordering::Relaxed);
                     self.unfinished.fetch_sub(removed.min(self.unfinished.load(Ordering::Relaxed)), Ordering::Relaxed);
                     Ok(())
@@ -703,8 +717,15 @@ impl Writer {
                 }
             };
             for op in writes {
-                if let Op::Accept { done, .. } | Op::Flush { done } = op {
-                    let _ = done.send(result.clone());
+                match op {
+                    Op::Accept { done, .. } | Op::Flush { done } => {
+                        let _ = done.send(result.clone());
+                    }
+                    Op::DropRefused { id, done } => {
+                        let r = result.clone().map(|()| dropped.remove(&id).unwrap_or_default());
+                        let _ = done.send(r);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -756,14 +777,16 @@ impl Writer {
     }
 }
 
-/// Applies a batch of writes in one transaction; returns (deliveries added, deliveries removed).
+/// Applies a batch of writes in one transaction; returns (deliveries added, deliveries removed, and for each
+/// [`Op::DropRefused`] that removed something, the backends it removed from).
 #[expect(clippy::collapsible_match, reason = "a guard that removes a row would hide a write in a condition")]
-fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(u64, u64), StoreError> {
+fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(u64, u64, HashMap<u128, Vec<String>>), StoreError> {
     let mut txn = db.begin_write().map_err(StoreError::from)?;
     if !durable {
         txn.set_durability(Durability::None).map_err(StoreError::from)?;
     }
     let (mut added, mut removed) = (0, 0);
+    let mut dropped = HashMap::new();
     {
         let mut deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
         let mut refs = txn.open_table(REFS).map_err(StoreError::from)?;
@@ -814,6 +837,35 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(u64, u64), Store
                         dead.insert((&**backend, *seq), encode(row)?.as_slice()).map_err(StoreError::from)?;
                     }
                 }
+                Op::DropRefused { id, .. } => {
+                    let Some(record) = deliveries.get(*id).map_err(StoreError::from)? else { continue };
+                    let d: StoredDelivery = decode(record.value())?;
+                    drop(record);
+                    let mut refused = Vec::new();
+                    for b in &d.backends {
+                        let b = b.as_str();
+                        if queue.get((b, d.seq)).map_err(StoreError::from)?.is_some()
+                            || delivered.get((*id, b)).map_err(StoreError::from)?.is_some()
+                        {
+                            break;
+                        }
+                        let Some(row) = dead.get((b, d.seq)).map_err(StoreError::from)? else { break };
+                        let row: DeadRow = decode(row.value())?;
+                        if row.reason != "rejected" {
+                            break;
+                        }
+                        refused.push(b.to_owned());
+                    }
+                    if refused.len() == d.backends.len() {
+                        for b in &refused {
+                            dead.remove((b.as_str(), d.seq)).map_err(StoreError::from)?;
+                        }
+                        refs.remove(*id).map_err(StoreError::from)?;
+                        deliveries.remove(*id).map_err(StoreError::from)?;
+                        removed += 1;
+                        dropped.insert(*id, refused);
+                    }
+                }
                 Op::Trim { keep_delivered } => {
                     // Ids are UUIDv7, ordered by time: the oldest records come first.
                     let len = delivered.len().map_err(StoreError::from)?;
@@ -826,7 +878,7 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(u64, u64), Store
         }
     }
     txn.commit().map_err(StoreError::from)?;
-    Ok((added, removed))
+    Ok((added, removed, dropped))
 }
 
 fn load(db: &Database, backend: &str, skip: &HashSet<u64>, limit: usize) -> Result<Vec<Loaded>, StoreError> {

@@ -87,6 +87,8 @@ struct Entry {
     due: Instant,
     stored: bool,
     in_flight: bool,
+    /// Waiting for the retry budget (counted once in `fanout_retry_budget_exhausted_total`).
+    deferred: bool,
 }
 
 /// Settings of every worker, from [`crate::Config`].
@@ -251,6 +253,7 @@ impl Worker {
                     due: Instant::now(),
                     stored: false,
                     in_flight: false,
+                    deferred: false,
                 };
                 self.entries.insert(e.seq, entry);
             }
@@ -341,11 +344,14 @@ impl Worker {
             let Some(e) = self.entries.get_mut(&seq) else { continue };
             if e.attempts > 0 {
                 if !self.budget.withdraw() {
-                    self.metrics.budget_exhausted();
+                    if !std::mem::replace(&mut e.deferred, true) {
+                        self.metrics.budget_exhausted();
+                    }
                     e.due = now + BUDGET_WAIT;
                     self.ready.insert((e.due, seq));
                     continue;
                 }
+                e.deferred = false;
                 self.metrics.retry();
             } else {
                 self.budget.deposit();
@@ -436,6 +442,7 @@ impl Worker {
                 due: now + Duration::from_millis(row.due_ms.saturating_sub(wall)),
                 stored: true,
                 in_flight: false,
+                deferred: false,
             };
             self.entries.insert(seq, entry);
             self.make_ready_if_eligible(seq);
@@ -456,7 +463,7 @@ impl Worker {
         }
         let (attempts, id) = (e.attempts, e.id);
         let change =
-            if transient { self.breaker.failed(probe, now, result.retry_after) } else { self.breaker.answered() };
+            if transient { self.breaker.failed(probe, now, result.retry_after) } else { self.breaker.answered(probe) };
         self.breaker_changed(change);
         let last_status = result.answer.as_ref().map(|a| a.status.as_u16());
         match result.outcome {
@@ -581,6 +588,11 @@ impl Worker {
                     at_ms: now_ms(),
                 };
                 outbox.dead_letter(&self.label, seq, row).await;
+                if *reason == DeadLetterReason::Rejected {
+                    // Refused by every backend: applied nowhere, nothing to redrive; it must not hold the bounds.
+                    let dropped = outbox.drop_refused(e.id).await;
+                    self.shared.refused_everywhere(e.id, &dropped);
+                }
             }
         }
         self.shared.record(self.index, e.id, result);

@@ -277,3 +277,25 @@ async fn under_load_retries_to_a_half_failing_backend_stay_within_the_budget() {
     assert_eq!(pool[0].backend.users().count, 500);
     lb.stop().await;
 }
+
+/// Found by an attack run: writes every backend refuses (a password change for an unknown user) stayed as dead
+/// letters and counted as unfinished, so a client could fill `--max-pending` with bad input and every later
+/// write got `503`, even after a restart. A write refused everywhere was applied nowhere: its dead letters go.
+#[tokio::test]
+async fn writes_every_backend_refuses_leave_nothing_behind_and_cannot_fill_the_bound() {
+    let pool = replicas(3).await;
+    let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--max-pending", "5"]).await;
+    for i in 0..10 {
+        let resp = post_form(&lb.url("/changePassword"), &format!("username=nobody{i}&password=x")).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "the backends' own answer is passed back");
+    }
+    eventually(WAIT, "nothing unfinished", || async { metric(&lb, "fanout_deliveries_in_flight").await == Some(0.0) })
+        .await;
+    assert_eq!(get_json(&admin(&lb, "/dead-letters")).await["count"], 0);
+    for p in &pool {
+        assert_eq!(metric(&lb, &format!("fanout_dead_letters{{backend=\"{}\"}}", p.label())).await, Some(0.0));
+    }
+    let resp = post_form(&lb.url("/register"), "username=real&password=pw").await;
+    assert_eq!(resp.status(), StatusCode::CREATED, "the bound is not held by refused writes");
+    lb.stop().await;
+}
