@@ -777,10 +777,13 @@ impl Writer {
     }
 }
 
-/// Applies a batch of writes in one transaction; returns (deliveries added, deliveries removed, and for each
-/// [`Op::DropRefused`] that removed something, the backends it removed from).
+/// What a batch changed: deliveries added, deliveries removed, and for each [`Op::DropRefused`] that removed
+/// something, the backends it removed from.
+type Applied = (u64, u64, HashMap<u128, Vec<String>>);
+
+/// Applies a batch of writes in one transaction.
 #[expect(clippy::collapsible_match, reason = "a guard that removes a row would hide a write in a condition")]
-fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<(u64, u64, HashMap<u128, Vec<String>>), StoreError> {
+fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<Applied, StoreError> {
     let mut txn = db.begin_write().map_err(StoreError::from)?;
     if !durable {
         txn.set_durability(Durability::None).map_err(StoreError::from)?;
