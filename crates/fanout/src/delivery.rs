@@ -266,6 +266,8 @@ pub struct Reply {
 pub struct Submitted {
     /// Receives the decision once the ack policy is met or can no longer be met.
     pub reply: oneshot::Receiver<Reply>,
+    /// Turns true when shutdown's grace is over: answer the client now (`202`) rather than not at all.
+    pub answer_now: watch::Receiver<bool>,
     _wait: WaitGuard,
 }
 
@@ -382,6 +384,7 @@ pub struct Shared {
     clients: Arc<Semaphore>,
     closing: AtomicBool,
     stop: watch::Sender<bool>,
+    answer_now: watch::Sender<bool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -529,6 +532,7 @@ impl Dispatcher {
             waiting: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             stop,
+            answer_now: watch::channel(false).0,
             workers: Mutex::new(Vec::new()),
         });
         let mut workers = Vec::new();
@@ -597,7 +601,11 @@ impl Dispatcher {
         let labels = shared.labels.iter().map(|l| l.to_string()).collect();
         let record = StoredDelivery::from_request(seq, &request, ordering_key.map(str::to_owned), labels);
         tokio::spawn(shared.clone().store(id, seq, record, idempotency));
-        Ok(Submitted { reply: rx, _wait: WaitGuard { shared: shared.clone(), id, _permit: permit } })
+        Ok(Submitted {
+            reply: rx,
+            answer_now: shared.answer_now.subscribe(),
+            _wait: WaitGuard { shared: shared.clone(), id, _permit: permit },
+        })
     }
 
     fn pending_limit(&self) -> u64 {
@@ -699,14 +707,19 @@ impl Dispatcher {
         self.shared.settings.ack
     }
 
-    /// Stops accepting writes, lets the workers drain their queues for up to `grace`, stops them, and makes the
-    /// outbox durable. Returns the deliveries not finished on every backend.
+    /// Stops accepting writes, lets the workers go on for most of `grace` (see [`Worker::run`]), then tells the
+    /// clients still waiting to take a `202` now (so that each gets an answer before its connection closes),
+    /// stops the workers, and makes the outbox durable. Returns the deliveries not finished on every backend.
     pub async fn close(&self, grace: Duration) -> u64 {
         self.shared.closing.store(true, Ordering::Release);
         let _ = self.shared.stop.send(true);
         let workers = std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|e| e.into_inner()));
         let aborts: Vec<_> = workers.iter().map(JoinHandle::abort_handle).collect();
-        if tokio::time::timeout(grace, futures_util::future::join_all(workers)).await.is_err() {
+        // The last tenth (at most a second) is for answering the clients still waiting.
+        let work = grace.saturating_sub((grace / 10).min(Duration::from_secs(1)));
+        let drained = tokio::time::timeout(work, futures_util::future::join_all(workers)).await.is_ok();
+        let _ = self.shared.answer_now.send(true);
+        if !drained {
             for a in aborts {
                 a.abort();
             }

@@ -181,6 +181,8 @@ pub enum BackendState {
     Delivered,
     /// In the backend's dead letters.
     DeadLetter,
+    /// Was a dead letter, deleted by an operator: the backend will not get it.
+    Discarded,
 }
 
 /// One backend's part of a delivery, as stored.
@@ -949,14 +951,18 @@ fn view(db: &Database, id: u128) -> Result<Option<DeliveryView>, StoreError> {
     let queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
     let dead = txn.open_table(DEAD).map_err(StoreError::from)?;
     let delivered = txn.open_table(DELIVERED).map_err(StoreError::from)?;
-    let delivered_view = |backend: &str, row: DeliveredRow| BackendView {
-        backend: backend.to_owned(),
-        state: BackendState::Delivered,
-        attempts: row.attempts,
-        status: Some(row.status),
-        outcome: Some("success".to_owned()),
-        reason: None,
-        next_attempt_at: None,
+    let delivered_view = |backend: &str, row: DeliveredRow| {
+        // Status 0 marks a dead letter an operator deleted (see `discard`).
+        let discarded = row.status == 0;
+        BackendView {
+            backend: backend.to_owned(),
+            state: if discarded { BackendState::Discarded } else { BackendState::Delivered },
+            attempts: row.attempts,
+            status: (!discarded).then_some(row.status),
+            outcome: (!discarded).then(|| "success".to_owned()),
+            reason: discarded.then(|| "discarded".to_owned()),
+            next_attempt_at: None,
+        }
     };
     let Some(record) = deliveries.get(id).map_err(StoreError::from)? else {
         // Finished on every backend: what is left is the delivered rows, while the window keeps them.
@@ -1006,7 +1012,16 @@ fn view(db: &Database, id: u128) -> Result<Option<DeliveryView>, StoreError> {
         } else if let Some(v) = delivered.get((id, b)).map_err(StoreError::from)? {
             delivered_view(b, decode(v.value())?)
         } else {
-            continue;
+            // Neither queued nor a dead letter: delivered, and its record already trimmed (--delivery-history).
+            BackendView {
+                backend: b.to_owned(),
+                state: BackendState::Delivered,
+                attempts: 0,
+                status: None,
+                outcome: None,
+                reason: None,
+                next_attempt_at: None,
+            }
         };
         backends.push(view);
     }
@@ -1045,10 +1060,16 @@ fn discard(
     let mut dead = txn.open_table(DEAD).map_err(StoreError::from)?;
     let mut refs = txn.open_table(REFS).map_err(StoreError::from)?;
     let mut deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
+    let mut delivered = txn.open_table(DELIVERED).map_err(StoreError::from)?;
     let gone = matching_dead(&dead, backend, id)?;
     let mut removed = 0;
     for (b, seq, row_id) in &gone {
-        dead.remove((b.as_str(), *seq)).map_err(StoreError::from)?;
+        if let Some(row) = dead.remove((b.as_str(), *seq)).map_err(StoreError::from)? {
+            let row: DeadRow = decode(row.value())?;
+            // Kept like a delivery's outcome, for GET /deliveries/{id}; status 0 marks it deleted.
+            let marker = DeliveredRow { attempts: row.attempts, status: 0, position: u16::MAX };
+            delivered.insert((*row_id, b.as_str()), encode(&marker)?.as_slice()).map_err(StoreError::from)?;
+        }
         let left = refs.get(*row_id).map_err(StoreError::from)?.map_or(0, |v| v.value()).saturating_sub(1);
         if left == 0 {
             refs.remove(*row_id).map_err(StoreError::from)?;
@@ -1285,6 +1306,21 @@ mod tests {
         let known: Vec<bool> = known.into_iter().map(|v| v.expect("view").is_some()).collect();
         assert_eq!(known, [false, false, true, true], "the two oldest were trimmed");
         assert_eq!(outbox.unfinished(), 0);
+
+        // Found by an attack run: a delivery still pending somewhere lost its delivered backends from its view
+        // once their records were trimmed.
+        let pending = uuid::Uuid::now_v7().as_u128();
+        outbox.accept(pending, &write(10), None).await.expect("accept");
+        for (i, b) in POOL.iter().enumerate().take(2) {
+            outbox
+                .delivered(&label(b), 10, pending, DeliveredRow { attempts: 1, status: 201, position: i as u16 })
+                .await;
+        }
+        outbox.flush().await.expect("flush");
+        outbox.tick(60_000, 0);
+        let view = outbox.view(pending).await.expect("view").expect("pending");
+        let states: Vec<_> = view.backends.iter().map(|b| b.state).collect();
+        assert_eq!(states, [BackendState::Delivered, BackendState::Delivered, BackendState::Pending]);
     }
 
     #[test]

@@ -360,17 +360,23 @@ async fn write(
                 SubmitError::ShuttingDown => ApiError::ShuttingDown,
             })
         })?;
-    let mut response = match tokio::time::timeout(state.ack_timeout, submitted.reply).await {
-        Ok(Ok(Reply { decision: Decision::Refused, .. })) => return Err(refused(ApiError::StoreUnavailable)),
-        Ok(Ok(reply)) => {
+    let mut answer_now = submitted.answer_now.clone();
+    let decided = tokio::select! {
+        decided = tokio::time::timeout(state.ack_timeout, submitted.reply) => decided.ok(),
+        // Shutting down and out of time: a 202 with the progress, rather than a connection closed unanswered.
+        _ = answer_now.wait_for(|now| *now) => None,
+    };
+    let mut response = match decided {
+        Some(Ok(Reply { decision: Decision::Refused, .. })) => return Err(refused(ApiError::StoreUnavailable)),
+        Some(Ok(reply)) => {
             let answer = answer(reply.decision, state.dispatcher.ack_policy(), &reply.summary);
             if let Some((k, record)) = idempotency {
                 state.dispatcher.answered(&k, id, record, answer.clone());
             }
             stored_response(answer)
         }
-        Ok(Err(_)) => return Err(ApiError::Internal),
-        Err(_) => progress(&state, id).await,
+        Some(Err(_)) => return Err(ApiError::Internal),
+        None => progress(&state, id).await,
     };
     response.headers_mut().insert(X_DELIVERY_ID.clone(), id_text);
     Ok(response)

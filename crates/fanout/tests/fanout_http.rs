@@ -491,3 +491,32 @@ async fn a_repeated_idempotency_key_replays_the_answer_and_delivers_once() {
     }
     lb.stop().await;
 }
+
+/// Found by an attack run: at shutdown, clients still waiting for their ack policy had their connection closed
+/// with no answer at all, so a client without an `Idempotency-Key` could only resend (and apply twice). They
+/// now get a `202` with the delivery's progress before the deadline.
+#[tokio::test]
+async fn at_shutdown_a_waiting_client_gets_202_not_a_closed_connection() {
+    let pool = replicas(2).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let labels = format!("{},{},{}", pool[0].label(), pool[1].label(), dead);
+    let args = ["--ack", "all", "--ack-timeout", "60s", "--shutdown-timeout", "2s", "--backends", labels.as_str()];
+    let lb = fanout(&[], &args).await;
+    let url = lb.url("/register");
+    let client = tokio::spawn(async move { post_form(&url, "username=waiting&password=pw").await });
+    eventually(WAIT, "the write reached the live backends", || async {
+        pool[0].backend.writes_received() == 1 && pool[1].backend.writes_received() == 1
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    lb.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(4), "stopped within the shutdown timeout: {:?}", started.elapsed());
+    let resp = client.await.expect("join");
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert!(resp.headers().contains_key("x-delivery-id"));
+    let summary: Value = resp.json().await.expect("json");
+    assert_eq!(summary["state"], "pending", "{summary}");
+}
