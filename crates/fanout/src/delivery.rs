@@ -649,20 +649,16 @@ impl Dispatcher {
     }
 
     /// Puts dead letters (of one backend, of one delivery, or all) back in their queues with fresh attempts, in
-    /// their original order; returns how many.
+    /// their original order; returns how many. Dead letters of backends no longer in the pool stay.
     ///
     /// # Errors
     /// When the store fails; nothing moved then.
     pub async fn redrive(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, StoreError> {
-        let moved = self.shared.outbox.redrive(backend, id.map(|i| i.as_u128())).await?;
+        let pool = self.shared.labels.iter().map(|l| l.to_string()).collect();
+        let moved = self.shared.outbox.redrive(backend, id.map(|i| i.as_u128()), pool).await?;
         for (b, n) in per_backend(&moved) {
-            match self.shared.labels.iter().position(|l| &**l == b) {
-                Some(i) => {
-                    let _ = self.shared.queues[i].send(Msg::Redriven(n));
-                }
-                None => {
-                    tracing::warn!(backend = b, n, "redriven to a backend that is not in --backends: it waits there")
-                }
+            if let Some(i) = self.shared.labels.iter().position(|l| &**l == b) {
+                let _ = self.shared.queues[i].send(Msg::Redriven(n));
             }
         }
         Ok(moved.len())

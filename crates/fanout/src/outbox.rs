@@ -323,6 +323,7 @@ enum Op {
     Redrive {
         backend: Option<String>,
         id: Option<u128>,
+        pool: Vec<String>,
         done: Done<Vec<(String, u64)>>,
     },
     Discard {
@@ -522,12 +523,18 @@ impl Outbox {
     }
 
     /// Moves dead letters back to their backend's queue with fresh attempts, durably: those of one backend, of
-    /// one delivery, of both, or all. Returns the (backend, order) of every entry moved.
+    /// one delivery, of both, or all; only those of backends in `pool` (a queue with no worker would keep them
+    /// for good). Returns the (backend, order) of every entry moved.
     ///
     /// # Errors
     /// When the store fails.
-    pub async fn redrive(&self, backend: Option<String>, id: Option<u128>) -> Result<Vec<(String, u64)>, StoreError> {
-        self.call(|done| Op::Redrive { backend, id, done }).await
+    pub async fn redrive(
+        &self,
+        backend: Option<String>,
+        id: Option<u128>,
+        pool: Vec<String>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.call(|done| Op::Redrive { backend, id, pool, done }).await
     }
 
     /// Deletes dead letters for good (of one backend, of one delivery, of both, or all), durably; a delivery no
@@ -757,8 +764,8 @@ impl Writer {
                     let r = self.db().and_then(|db| view(db, id));
                     let _ = done.send(r);
                 }
-                Op::Redrive { backend, id, done } => {
-                    let r = self.own_txn(|txn| redrive(txn, backend.as_deref(), id));
+                Op::Redrive { backend, id, pool, done } => {
+                    let r = self.own_txn(|txn| redrive(txn, backend.as_deref(), id, &pool));
                     let _ = done.send(r);
                 }
                 Op::Discard { backend, id, done } => {
@@ -1086,10 +1093,12 @@ fn redrive(
     txn: &redb::WriteTransaction,
     backend: Option<&str>,
     id: Option<u128>,
+    pool: &[String],
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let mut dead = txn.open_table(DEAD).map_err(StoreError::from)?;
     let mut queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
-    let moved = matching_dead(&dead, backend, id)?;
+    let mut moved = matching_dead(&dead, backend, id)?;
+    moved.retain(|(b, _, _)| pool.contains(b));
     for (b, seq, row_id) in &moved {
         dead.remove((b.as_str(), *seq)).map_err(StoreError::from)?;
         queue
@@ -1099,6 +1108,29 @@ fn redrive(
     Ok(moved.into_iter().map(|(b, seq, _)| (b, seq)).collect())
 }
 
+/// The backend a label names, as a URL: `host:port` and `http://host:port` name the same backend.
+fn backend_url(label: &str) -> Option<String> {
+    label.parse::<crate::backend::BackendAddr>().ok().map(|a| a.url().to_string())
+}
+
+/// Moves every row of `table` under backend label `from` to label `to`.
+fn relabel(
+    table: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    from: &str,
+    to: &str,
+) -> Result<u64, StoreError> {
+    let mut rows = Vec::new();
+    for entry in table.range((from, 0)..=(from, u64::MAX)).map_err(StoreError::from)? {
+        let (k, v) = entry.map_err(StoreError::from)?;
+        rows.push((k.value().1, v.value().to_vec()));
+    }
+    for (seq, value) in &rows {
+        table.remove((from, *seq)).map_err(StoreError::from)?;
+        table.insert((to, *seq), value.as_slice()).map_err(StoreError::from)?;
+    }
+    Ok(rows.len() as u64)
+}
+
 fn startup(txn: &redb::WriteTransaction, pool: &[String]) -> Result<Startup, StoreError> {
     let mut out = Startup::default();
     for b in pool {
@@ -1106,6 +1138,32 @@ fn startup(txn: &redb::WriteTransaction, pool: &[String]) -> Result<Startup, Sto
     }
     let mut queue = txn.open_table(QUEUED).map_err(StoreError::from)?;
     let mut dead = txn.open_table(DEAD).map_err(StoreError::from)?;
+    // A backend of the pool written another way than when the rows were stored (`http://a:1` for `a:1`) is the
+    // same backend: its rows follow the new spelling.
+    let mut stored_labels = std::collections::BTreeSet::new();
+    for table in [&queue, &dead] {
+        let mut next: Option<String> = None;
+        loop {
+            let first = match &next {
+                None => table.first().map_err(StoreError::from)?.map(|(k, _)| k.value().0.to_owned()),
+                Some(after) => table
+                    .range((after.as_str(), u64::MAX)..)
+                    .map_err(StoreError::from)?
+                    .find_map(|e| e.ok().map(|(k, _)| k.value().0.to_owned()).filter(|l| l != after)),
+            };
+            let Some(label) = first else { break };
+            stored_labels.insert(label.clone());
+            next = Some(label);
+        }
+    }
+    let pool_urls: Vec<(Option<String>, &String)> = pool.iter().map(|b| (backend_url(b), b)).collect();
+    for label in stored_labels.iter().filter(|l| !out.backends.contains_key(l.as_str())) {
+        let url = backend_url(label);
+        if let Some((_, to)) = pool_urls.iter().find(|(u, _)| u.is_some() && *u == url) {
+            let n = relabel(&mut queue, label, to)? + relabel(&mut dead, label, to)?;
+            tracing::info!(from = %label, to = %to, rows = n, "the same backend, written another way: its queue follows");
+        }
+    }
     let mut orphans = Vec::new();
     for entry in queue.iter().map_err(StoreError::from)? {
         let (k, v) = entry.map_err(StoreError::from)?;
@@ -1124,12 +1182,8 @@ fn startup(txn: &redb::WriteTransaction, pool: &[String]) -> Result<Startup, Sto
             counts.dead += 1;
         }
     }
+    let mut removed: HashMap<String, u64> = HashMap::new();
     for (b, seq, row) in orphans {
-        tracing::error!(
-            backend = %b,
-            delivery_id = %uuid::Uuid::from_u128(row.id),
-            "dead letter: this backend is no longer in --backends and will not get this write"
-        );
         queue.remove((b.as_str(), seq)).map_err(StoreError::from)?;
         let row = DeadRow {
             id: row.id,
@@ -1140,7 +1194,16 @@ fn startup(txn: &redb::WriteTransaction, pool: &[String]) -> Result<Startup, Sto
             at_ms: now_ms(),
         };
         dead.insert((b.as_str(), seq), encode(&row)?.as_slice()).map_err(StoreError::from)?;
+        *removed.entry(b).or_default() += 1;
         out.orphaned += 1;
+    }
+    for (backend, writes) in removed {
+        tracing::error!(
+            backend = %backend,
+            writes,
+            "dead letters: this backend is no longer in --backends and will not get these writes; \
+             GET /dead-letters?backend=... lists them, DELETE drops them"
+        );
     }
     Ok(out)
 }
@@ -1191,6 +1254,10 @@ mod tests {
             ordering_key: Some(format!("u{seq}")),
             backends: POOL.iter().map(|s| (*s).to_owned()).collect(),
         }
+    }
+
+    fn pool() -> Vec<String> {
+        POOL.iter().map(|s| (*s).to_owned()).collect()
     }
 
     fn label(s: &str) -> Arc<str> {
@@ -1258,10 +1325,10 @@ mod tests {
         assert_eq!(dead.len(), 1);
         assert_eq!((dead[0].backend.as_str(), dead[0].seq, dead[0].path.as_str()), ("c:1", 2, "/register"));
         assert!(outbox.dead_letters(Some("a:1".into()), 10).await.expect("list").is_empty());
-        assert_eq!(outbox.redrive(Some("c:1".into()), None).await.expect("redrive"), [("c:1".to_owned(), 2)]);
+        assert_eq!(outbox.redrive(Some("c:1".into()), None, pool()).await.expect("redrive"), [("c:1".to_owned(), 2)]);
         assert_eq!(seqs(&outbox, "c:1").await, [0, 2, 9], "back in its place, by acceptance order");
         assert!(outbox.dead_letters(None, 10).await.expect("list").is_empty());
-        assert!(outbox.redrive(None, None).await.expect("redrive").is_empty());
+        assert!(outbox.redrive(None, None, pool()).await.expect("redrive").is_empty());
 
         let keys = outbox.idempotency_keys(60_000, now_ms()).await.expect("keys");
         assert_eq!(keys.len(), 1);
@@ -1278,11 +1345,13 @@ mod tests {
         for seq in [4u64, 7] {
             outbox.accept(u128::from(seq), &write(seq), None).await.expect("accept");
         }
-        let pool = vec!["c:1".to_owned(), "a:1".to_owned(), "new:1".to_owned()];
+        // a:1 is now written as a URL: the same backend (found by an attack run: its queue became dead letters).
+        let pool = vec!["c:1".to_owned(), "http://a:1".to_owned(), "new:1".to_owned()];
         let start = outbox.startup(pool).await.expect("startup");
         assert_eq!(start.max_seq, Some(7));
         assert_eq!(start.orphaned, 2, "b:1 left the pool");
-        assert_eq!(start.backends["a:1"], BackendCounts { pending: 2, dead: 0 });
+        assert_eq!(start.backends["http://a:1"], BackendCounts { pending: 2, dead: 0 });
+        assert_eq!(seqs(&outbox, "http://a:1").await, [4, 7]);
         assert_eq!(start.backends["new:1"], BackendCounts::default());
         let dead = outbox.dead_letters(Some("b:1".into()), 10).await.expect("list");
         assert_eq!(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>(), ["backend_removed"; 2]);

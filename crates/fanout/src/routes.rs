@@ -192,7 +192,8 @@ async fn list_dead_letters(
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
-    let backend = admin.backend(q.backend)?;
+    // Any backend name: a backend removed from the pool keeps its dead letters (reason `backend_removed`).
+    let backend = q.backend;
     let list = admin.dispatcher.dead_letters(backend, limit).await.map_err(|_| ApiError::StoreUnavailable)?;
     Ok(Json(json!({ "count": list.len(), "dead_letters": list })).into_response())
 }
@@ -233,7 +234,8 @@ async fn discard_all(
     let backend = query(q)?.backend.ok_or_else(|| {
         ApiError::BadQuery("name the backend whose dead letters to delete: ?backend=host:port".to_owned())
     })?;
-    let backend = admin.backend(Some(backend))?;
+    // Any backend name, removed ones included.
+    let backend = Some(backend);
     let n = admin.dispatcher.discard(backend, None).await.map_err(|_| ApiError::StoreUnavailable)?;
     Ok(Json(json!({ "discarded": n })).into_response())
 }
@@ -244,7 +246,7 @@ async fn discard_one(
     q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NoDeadLetter)?;
-    let backend = admin.backend(query(q)?.backend)?;
+    let backend = query(q)?.backend;
     let n = admin.dispatcher.discard(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
     if n == 0 {
         return Err(ApiError::NoDeadLetter);
