@@ -178,7 +178,8 @@ impl Answer {
 pub struct Summary {
     /// The delivery id (also in `X-Delivery-Id`).
     pub delivery_id: Uuid,
-    /// `pending` while any backend is pending, else `delivered` when all delivered, else `failed`.
+    /// `pending` while any backend is pending, else `delivered` when all delivered, `refused` when every backend
+    /// refused the write, else `failed`.
     pub state: &'static str,
     /// When fanout accepted the write (RFC 3339).
     pub accepted_at: String,
@@ -194,6 +195,8 @@ impl Summary {
             "pending"
         } else if backends.iter().all(|b| b.state == BackendState::Delivered) {
             "delivered"
+        } else if !backends.is_empty() && backends.iter().all(|b| b.state == BackendState::Refused) {
+            "refused"
         } else {
             "failed"
         };

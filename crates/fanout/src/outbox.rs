@@ -149,12 +149,13 @@ pub struct DeadRow {
     pub at_ms: u64,
 }
 
-/// One backend's successful delivery, kept for `GET /deliveries/{id}`.
+/// How one backend's part of a delivery ended, kept for `GET /deliveries/{id}`: delivered (a `2xx` status),
+/// refused by every backend (their `4xx`; see [`Outbox::drop_refused`]), or deleted as a dead letter (status 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveredRow {
-    /// Attempts made, the successful one included.
+    /// Attempts made, the last one included.
     pub attempts: u32,
-    /// The backend's status (201).
+    /// The backend's last status: `201` when delivered, its refusal, or 0 for a deleted dead letter.
     pub status: u16,
     /// The backend's place in the pool, to list a finished delivery's backends in pool order.
     pub position: u16,
@@ -183,6 +184,8 @@ pub enum BackendState {
     DeadLetter,
     /// Was a dead letter, deleted by an operator: the backend will not get it.
     Discarded,
+    /// Every backend refused the write: applied nowhere, nothing to redrive.
+    Refused,
 }
 
 /// One backend's part of a delivery, as stored.
@@ -866,12 +869,18 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Result<Applied, StoreErr
                         if row.reason != "rejected" {
                             break;
                         }
-                        refused.push(b.to_owned());
+                        refused.push((b.to_owned(), row));
                     }
                     if refused.len() == d.backends.len() {
-                        for b in &refused {
+                        for (position, (b, row)) in refused.iter().enumerate() {
                             dead.remove((b.as_str(), d.seq)).map_err(StoreError::from)?;
+                            // Its outcome stays visible (GET /deliveries/{id}, replays) like a delivered one's.
+                            let status = row.last_status.filter(|s| !(200..300).contains(s)).unwrap_or(400);
+                            let position = u16::try_from(position).unwrap_or(u16::MAX);
+                            let end = DeliveredRow { attempts: row.attempts, status, position };
+                            delivered.insert((*id, b.as_str()), encode(&end)?.as_slice()).map_err(StoreError::from)?;
                         }
+                        let refused: Vec<String> = refused.into_iter().map(|(b, _)| b).collect();
                         refs.remove(*id).map_err(StoreError::from)?;
                         deliveries.remove(*id).map_err(StoreError::from)?;
                         removed += 1;
@@ -959,15 +968,20 @@ fn view(db: &Database, id: u128) -> Result<Option<DeliveryView>, StoreError> {
     let dead = txn.open_table(DEAD).map_err(StoreError::from)?;
     let delivered = txn.open_table(DELIVERED).map_err(StoreError::from)?;
     let delivered_view = |backend: &str, row: DeliveredRow| {
-        // Status 0 marks a dead letter an operator deleted (see `discard`).
-        let discarded = row.status == 0;
+        let (state, outcome, reason) = match row.status {
+            // A dead letter an operator deleted (see `discard`).
+            0 => (BackendState::Discarded, None, Some("discarded")),
+            200..=299 => (BackendState::Delivered, Some("success"), None),
+            // Every backend refused the write (see `drop_refused`).
+            _ => (BackendState::Refused, Some("rejected"), Some("refused_everywhere")),
+        };
         BackendView {
             backend: backend.to_owned(),
-            state: if discarded { BackendState::Discarded } else { BackendState::Delivered },
+            state,
             attempts: row.attempts,
-            status: (!discarded).then_some(row.status),
-            outcome: (!discarded).then(|| "success".to_owned()),
-            reason: discarded.then(|| "discarded".to_owned()),
+            status: (row.status != 0).then_some(row.status),
+            outcome: outcome.map(str::to_owned),
+            reason: reason.map(str::to_owned),
             next_attempt_at: None,
         }
     };
@@ -1157,11 +1171,36 @@ fn startup(txn: &redb::WriteTransaction, pool: &[String]) -> Result<Startup, Sto
         }
     }
     let pool_urls: Vec<(Option<String>, &String)> = pool.iter().map(|b| (backend_url(b), b)).collect();
+    let mut renamed: HashMap<String, String> = HashMap::new();
     for label in stored_labels.iter().filter(|l| !out.backends.contains_key(l.as_str())) {
         let url = backend_url(label);
         if let Some((_, to)) = pool_urls.iter().find(|(u, _)| u.is_some() && *u == url) {
             let n = relabel(&mut queue, label, to)? + relabel(&mut dead, label, to)?;
             tracing::info!(from = %label, to = %to, rows = n, "the same backend, written another way: its queue follows");
+            renamed.insert(label.clone(), (*to).clone());
+        }
+    }
+    if !renamed.is_empty() {
+        // The deliveries name their backends too (GET /deliveries/{id}, and the check for writes every backend
+        // refused): they follow the new spelling.
+        let mut deliveries = txn.open_table(DELIVERIES).map_err(StoreError::from)?;
+        let mut rewritten = Vec::new();
+        for entry in deliveries.iter().map_err(StoreError::from)? {
+            let (k, v) = entry.map_err(StoreError::from)?;
+            let mut d: StoredDelivery = decode(v.value())?;
+            let mut changed = false;
+            for b in &mut d.backends {
+                if let Some(to) = renamed.get(b.as_str()) {
+                    b.clone_from(to);
+                    changed = true;
+                }
+            }
+            if changed {
+                rewritten.push((k.value(), encode(&d)?));
+            }
+        }
+        for (id, record) in rewritten {
+            deliveries.insert(id, record.as_slice()).map_err(StoreError::from)?;
         }
     }
     let mut orphans = Vec::new();
@@ -1352,6 +1391,11 @@ mod tests {
         assert_eq!(start.orphaned, 2, "b:1 left the pool");
         assert_eq!(start.backends["http://a:1"], BackendCounts { pending: 2, dead: 0 });
         assert_eq!(seqs(&outbox, "http://a:1").await, [4, 7]);
+        // Found by a second attack run: the deliveries still named the old spelling, so their view called it
+        // delivered.
+        let view = outbox.view(4).await.expect("view").expect("known");
+        let a = view.backends.iter().find(|b| b.backend == "http://a:1").expect("renamed in the view");
+        assert_eq!(a.state, BackendState::Pending);
         assert_eq!(start.backends["new:1"], BackendCounts::default());
         let dead = outbox.dead_letters(Some("b:1".into()), 10).await.expect("list");
         assert_eq!(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>(), ["backend_removed"; 2]);

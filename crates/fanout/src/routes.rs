@@ -72,6 +72,12 @@ pub enum ApiError {
     /// No dead letter for this delivery id (and backend, if named).
     #[error("no dead letter for this delivery id")]
     NoDeadLetter,
+    /// No dead letter for this delivery id on a backend of the pool (only those can be redriven).
+    #[error(
+        "no dead letter for this delivery id on a backend of --backends (a removed backend's can only be listed \
+         and deleted)"
+    )]
+    NothingToRedrive,
     /// A backend that is not in the pool.
     #[error("no backend {0:?} in --backends")]
     UnknownBackend(String),
@@ -90,7 +96,10 @@ impl IntoResponse for ApiError {
             ApiError::BadHeader(_) => StatusCode::BAD_REQUEST,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::UnknownDelivery | ApiError::UnknownBackend(_) | ApiError::NoDeadLetter => StatusCode::NOT_FOUND,
+            ApiError::UnknownDelivery
+            | ApiError::UnknownBackend(_)
+            | ApiError::NoDeadLetter
+            | ApiError::NothingToRedrive => StatusCode::NOT_FOUND,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyInProgress => StatusCode::CONFLICT,
@@ -128,7 +137,12 @@ pub fn api_router(state: AppState, max_body: usize) -> Router {
         // A client that stops sending its body is cut off (nginx's client_body_timeout is 60 s as well).
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(CLIENT_BODY_TIMEOUT))
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // A 5xx we answer on purpose (503 at a bound, 502 when the ack policy cannot be met) is logged as a
+        // warning, not an error: it is load or a backend's state, not a fault of fanout.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
+        )
         .with_state(state)
 }
 
@@ -222,7 +236,7 @@ async fn redrive_one(
     let backend = admin.backend(query(q)?.backend)?;
     let n = admin.dispatcher.redrive(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
     if n == 0 {
-        return Err(ApiError::NoDeadLetter);
+        return Err(ApiError::NothingToRedrive);
     }
     Ok(Json(json!({ "redriven": n })).into_response())
 }

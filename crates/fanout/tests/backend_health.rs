@@ -285,9 +285,11 @@ async fn under_load_retries_to_a_half_failing_backend_stay_within_the_budget() {
 async fn writes_every_backend_refuses_leave_nothing_behind_and_cannot_fill_the_bound() {
     let pool = replicas(3).await;
     let lb = fanout(&pool.iter().collect::<Vec<_>>(), &["--max-pending", "5"]).await;
+    let mut ids = Vec::new();
     for i in 0..10 {
         let resp = post_form(&lb.url("/changePassword"), &format!("username=nobody{i}&password=x")).await;
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "the backends' own answer is passed back");
+        ids.push(resp.headers()["x-delivery-id"].to_str().expect("id").to_owned());
     }
     eventually(WAIT, "nothing unfinished", || async { metric(&lb, "fanout_deliveries_in_flight").await == Some(0.0) })
         .await;
@@ -297,5 +299,9 @@ async fn writes_every_backend_refuses_leave_nothing_behind_and_cannot_fill_the_b
     }
     let resp = post_form(&lb.url("/register"), "username=real&password=pw").await;
     assert_eq!(resp.status(), StatusCode::CREATED, "the bound is not held by refused writes");
+    // Found by a second attack run: the delivery could no longer be looked up once its dead letters went.
+    let summary = get_json(&lb.url(&format!("/deliveries/{}", ids[0]))).await;
+    assert_eq!(summary["state"], "refused", "{summary}");
+    assert_eq!(summary["backends"][2]["status"], 404);
     lb.stop().await;
 }
