@@ -450,9 +450,14 @@ impl Shared {
             "every backend refused this write: applied nowhere, its dead letters are dropped"
         );
         for b in backends {
-            if let Some(i) = self.labels.iter().position(|l| **l == **b) {
-                let _ = self.queues[i].send(Msg::Discarded(1));
-            }
+            self.tell(b, Msg::Discarded(1));
+        }
+    }
+
+    /// Sends `msg` to the worker of backend `label`, if it is in the pool.
+    fn tell(&self, label: &str, msg: Msg) {
+        if let Some(i) = self.labels.iter().position(|l| &**l == label) {
+            let _ = self.queues[i].send(msg);
         }
     }
 
@@ -660,9 +665,7 @@ impl Dispatcher {
         let pool = self.shared.labels.iter().map(|l| l.to_string()).collect();
         let moved = self.shared.outbox.redrive(backend, id.map(|i| i.as_u128()), pool).await?;
         for (b, n) in per_backend(&moved) {
-            if let Some(i) = self.shared.labels.iter().position(|l| &**l == b) {
-                let _ = self.shared.queues[i].send(Msg::Redriven(n));
-            }
+            self.shared.tell(b, Msg::Redriven(n));
         }
         Ok(moved.len())
     }
@@ -676,9 +679,7 @@ impl Dispatcher {
         let gone = self.shared.outbox.discard(backend, id.map(|i| i.as_u128())).await?;
         for (b, n) in per_backend(&gone) {
             tracing::warn!(backend = b, n, "dead letters discarded: these writes will not reach this backend");
-            if let Some(i) = self.shared.labels.iter().position(|l| &**l == b) {
-                let _ = self.shared.queues[i].send(Msg::Discarded(n));
-            }
+            self.shared.tell(b, Msg::Discarded(n));
         }
         Ok(gone.len())
     }

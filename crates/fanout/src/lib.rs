@@ -97,6 +97,7 @@ pub async fn run(
     }
     .map_err(store_error)?;
     let labels = pool.iter().map(|b| b.label().to_owned()).collect();
+    let pool_size = pool.len();
     let startup = outbox.startup(labels).await.map_err(store_error)?;
     let window_ms = u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
     let keys = outbox.idempotency_keys(window_ms, outbox::now_ms()).await.map_err(store_error)?;
@@ -164,10 +165,9 @@ pub async fn run(
             .with_graceful_shutdown(signalled(metrics_stopped))
             .into_future(),
     );
-    let keep_delivered = config.delivery_history.saturating_mul(config.backends.len() as u64);
+    let keep_delivered = config.delivery_history.saturating_mul(pool_size as u64);
     let upkeep = tokio::spawn({
         let metrics = metrics.clone();
-        let dispatcher = dispatcher.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut n: u64 = 0;
@@ -175,7 +175,6 @@ pub async fn run(
                 tick.tick().await;
                 n += 1;
                 outbox.tick(window_ms, keep_delivered);
-                metrics.in_flight().set(dispatcher.unfinished() as f64);
                 if n.is_multiple_of(UPKEEP_INTERVAL.as_secs()) {
                     metrics.run_upkeep();
                 }

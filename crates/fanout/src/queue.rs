@@ -91,6 +91,20 @@ struct Entry {
     deferred: bool,
 }
 
+impl Entry {
+    fn new(
+        id: u128,
+        request: Arc<ForwardRequest>,
+        key: Option<Arc<str>>,
+        accepted_at_ms: u64,
+        attempts: u32,
+        due: Instant,
+        stored: bool,
+    ) -> Self {
+        Self { id, request, key, accepted_at_ms, attempts, due, stored, in_flight: false, deferred: false }
+    }
+}
+
 /// Settings of every worker, from [`crate::Config`].
 #[derive(Debug, Clone, Copy)]
 pub struct QueueSettings {
@@ -241,21 +255,8 @@ impl Worker {
                     }
                     return;
                 }
-                if let Some(key) = &e.key {
-                    self.fifo.entry(key.clone()).or_default().push_back(e.seq);
-                }
-                let entry = Entry {
-                    id: e.id,
-                    request: e.request,
-                    key: e.key,
-                    accepted_at_ms: e.accepted_at_ms,
-                    attempts: 0,
-                    due: Instant::now(),
-                    stored: false,
-                    in_flight: false,
-                    deferred: false,
-                };
-                self.entries.insert(e.seq, entry);
+                let entry = Entry::new(e.id, e.request, e.key, e.accepted_at_ms, 0, Instant::now(), false);
+                self.add(e.seq, entry);
             }
             Msg::Stored(seq) => {
                 self.pending += 1;
@@ -293,6 +294,14 @@ impl Worker {
         }
     }
 
+    /// Takes an entry into memory, behind its user's earlier ones.
+    fn add(&mut self, seq: u64, entry: Entry) {
+        if let Some(key) = &entry.key {
+            self.fifo.entry(key.clone()).or_default().push_back(seq);
+        }
+        self.entries.insert(seq, entry);
+    }
+
     /// Puts `seq` in the ready set if it is stored, not on the wire, and first of its user.
     fn make_ready_if_eligible(&mut self, seq: u64) {
         let Some(e) = self.entries.get(&seq) else { return };
@@ -322,11 +331,12 @@ impl Worker {
     fn launch(&mut self, now: Instant) {
         while self.running.len() < self.settings.concurrency {
             if let Some(due) = self.breaker.probe_due() {
-                // Open: the oldest eligible entry probes, when the schedule says so; nothing else goes.
-                let Some(&(due_at, seq)) = self.ready.iter().min_by_key(|(_, s)| *s) else { return };
+                // Open: the oldest eligible entry probes, when the schedule says so; nothing else goes. (The
+                // time is checked first: this runs on every message, and the search is linear in the window.)
                 if now < due {
                     return;
                 }
+                let Some(&(due_at, seq)) = self.ready.iter().min_by_key(|(_, s)| *s) else { return };
                 self.ready.remove(&(due_at, seq));
                 self.breaker.probing();
                 self.metrics.breaker_state().set(self.breaker.state().code());
@@ -429,22 +439,10 @@ impl Worker {
                 tracing::error!(backend = %self.addr, seq, "a stored write does not decode to a request; skipped");
                 continue;
             };
-            let key: Option<Arc<str>> = delivery.ordering_key.as_deref().map(Arc::from);
-            if let Some(k) = &key {
-                self.fifo.entry(k.clone()).or_default().push_back(seq);
-            }
-            let entry = Entry {
-                id: row.id,
-                request: Arc::new(request),
-                key,
-                accepted_at_ms: delivery.accepted_at_ms,
-                attempts: row.attempts,
-                due: now + Duration::from_millis(row.due_ms.saturating_sub(wall)),
-                stored: true,
-                in_flight: false,
-                deferred: false,
-            };
-            self.entries.insert(seq, entry);
+            let key = delivery.ordering_key.as_deref().map(Arc::from);
+            let due = now + Duration::from_millis(row.due_ms.saturating_sub(wall));
+            let entry = Entry::new(row.id, Arc::new(request), key, delivery.accepted_at_ms, row.attempts, due, true);
+            self.add(seq, entry);
             self.make_ready_if_eligible(seq);
         }
         self.finished_during_load.clear();
