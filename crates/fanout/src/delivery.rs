@@ -14,164 +14,26 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
-use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::backend::{BackendAddr, Outcome};
-use crate::backoff::{Backoff, parse_retry_after};
+use crate::attempt::{Http, Transport};
+use crate::backend::BackendAddr;
+use crate::backoff::Backoff;
 use crate::config::AckPolicy;
 use crate::forward::ForwardRequest;
-use crate::metrics::{DeadLetterReason, Metrics};
-use crate::outbox::{BackendState, BackendView, DeadLetter, DeliveryView, Outbox, Startup, StoreError, StoredDelivery};
-use crate::queue::{Msg, NewEntry, QueueSettings, Worker};
+use crate::log::{
+    BackendState, BackendView, DeadFilter, DeadLetter, DeliveryView, LogError, Startup, StoredDelivery, WriteLog,
+    id_time_ms, now_ms,
+};
+use crate::metrics::Metrics;
+use crate::queue::{Event, Events, Msg, NewEntry, QueueSettings, Worker, WorkerContext};
 use crate::replay::{Check, KeyRecord, Replays, StoredAnswer};
-
-/// Largest backend answer body kept to be passed back to the client; longer ones are dropped (the status and
-/// content type still are passed back) so that a backend cannot make fanout buffer without bound.
-pub const MAX_ANSWER_BODY: usize = 64 * 1024;
-
-/// A backend's answer, as passed back to the client under the `first` policy or for an agreed client error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    /// The backend's status.
-    pub status: StatusCode,
-    /// The backend's `Content-Type`, if any.
-    pub content_type: Option<HeaderValue>,
-    /// The backend's body (empty when it exceeded [`MAX_ANSWER_BODY`]).
-    pub body: Bytes,
-}
-
-/// What one attempt produced.
-#[derive(Debug)]
-pub struct AttemptResult {
-    /// Its class.
-    pub outcome: Outcome,
-    /// The answer, when the backend sent one.
-    pub answer: Option<Answer>,
-    /// The backend's `Retry-After` (on `429` or `503`), when it sent one.
-    pub retry_after: Option<Duration>,
-}
-
-/// How a delivery to one backend ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendResult {
-    /// A `201` arrived after `attempts` attempts.
-    Delivered {
-        /// Attempts made, the successful one included.
-        attempts: u32,
-        /// The backend's answer.
-        answer: Answer,
-    },
-    /// The backend gave up: a dead letter.
-    DeadLetter {
-        /// Attempts made.
-        attempts: u32,
-        /// Why.
-        reason: DeadLetterReason,
-        /// The last answer, when the last attempt got one.
-        answer: Option<Answer>,
-    },
-}
-
-/// What the client of a write is told (DESIGN 3.6), decided by [`Tally::decide`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Not yet known: keep waiting.
-    Wait,
-    /// The ack policy is met. Under `first` the client gets `answer` (the first `201`); otherwise a summary.
-    Acked {
-        /// The first `201` answer.
-        answer: Answer,
-    },
-    /// Every backend rejected the write with the same client error: it is passed back as is.
-    PassBack {
-        /// One of the agreeing answers.
-        answer: Answer,
-    },
-    /// The policy can no longer be met: `502` with a summary.
-    Unmet,
-    /// The write could not be stored in the outbox: `503`, and nothing was sent.
-    Refused,
-}
-
-/// The final results of one delivery so far, and the pure rule of when to answer.
-#[derive(Debug)]
-pub struct Tally {
-    required: usize,
-    results: Vec<Option<BackendResult>>,
-}
-
-impl Tally {
-    /// A tally for `pool_size` backends under `policy`.
-    pub fn new(policy: AckPolicy, pool_size: usize) -> Self {
-        Self { required: policy.required(pool_size), results: vec![None; pool_size] }
-    }
-
-    /// Records the final result of backend `index`.
-    pub fn record(&mut self, index: usize, result: BackendResult) {
-        self.results[index] = Some(result);
-    }
-
-    /// The decision given the results recorded so far.
-    ///
-    /// - Acked as soon as `required` backends delivered.
-    /// - While enough backends are still pending to reach `required`: wait.
-    /// - Otherwise, if every backend that finished rejected the write with the same `4xx`: wait for the others,
-    ///   and when all agree pass that answer back (the client sent something every replica refuses).
-    /// - Otherwise: unmet (`502`).
-    pub fn decide(&self) -> Decision {
-        let n = self.results.len();
-        let mut delivered = 0;
-        let mut dead = 0;
-        let mut first_success = None;
-        for r in self.results.iter().flatten() {
-            match r {
-                BackendResult::Delivered { answer, .. } => {
-                    delivered += 1;
-                    first_success.get_or_insert(answer);
-                }
-                BackendResult::DeadLetter { .. } => dead += 1,
-            }
-        }
-        if delivered >= self.required
-            && let Some(answer) = first_success
-        {
-            return Decision::Acked { answer: answer.clone() };
-        }
-        if n - dead >= self.required {
-            return Decision::Wait;
-        }
-        let mut agreed: Option<&Answer> = None;
-        for r in self.results.iter().flatten() {
-            let BackendResult::DeadLetter { reason: DeadLetterReason::Rejected, answer: Some(answer), .. } = r else {
-                return Decision::Unmet;
-            };
-            if !answer.status.is_client_error() || agreed.is_some_and(|a| a.status != answer.status) {
-                return Decision::Unmet;
-            }
-            agreed.get_or_insert(answer);
-        }
-        match agreed {
-            Some(answer) if dead == n => Decision::PassBack { answer: answer.clone() },
-            Some(_) => Decision::Wait,
-            None => Decision::Unmet,
-        }
-    }
-}
-
-impl Answer {
-    /// The answer assumed for a `201` whose body was not kept.
-    pub fn created() -> Self {
-        Answer { status: StatusCode::CREATED, content_type: None, body: Bytes::new() }
-    }
-}
+use crate::tally::{Decision, Tally};
 
 /// The JSON summary of a delivery (`quorum`/`all` answers, `502`, `202`, `GET /deliveries/{id}`).
 #[derive(Debug, Clone, Serialize)]
@@ -209,49 +71,6 @@ impl Summary {
             .to_string(),
             backends,
         }
-    }
-}
-
-impl Tally {
-    /// Each backend's part as far as this tally knows (backends not finished yet are pending).
-    pub fn view(&self, labels: &[Arc<str>], accepted_at_ms: u64) -> DeliveryView {
-        let backends = labels
-            .iter()
-            .zip(&self.results)
-            .map(|(label, r)| {
-                let backend = label.to_string();
-                match r {
-                    None => BackendView {
-                        backend,
-                        state: BackendState::Pending,
-                        attempts: 0,
-                        status: None,
-                        outcome: None,
-                        reason: None,
-                        next_attempt_at: None,
-                    },
-                    Some(BackendResult::Delivered { attempts, answer }) => BackendView {
-                        backend,
-                        state: BackendState::Delivered,
-                        attempts: *attempts,
-                        status: Some(answer.status.as_u16()),
-                        outcome: Some("success".to_owned()),
-                        reason: None,
-                        next_attempt_at: None,
-                    },
-                    Some(BackendResult::DeadLetter { attempts, reason, answer }) => BackendView {
-                        backend,
-                        state: BackendState::DeadLetter,
-                        attempts: *attempts,
-                        status: answer.as_ref().map(|a| a.status.as_u16()),
-                        outcome: None,
-                        reason: Some(reason.as_str().to_owned()),
-                        next_attempt_at: None,
-                    },
-                }
-            })
-            .collect();
-        DeliveryView { accepted_at_ms, backends }
     }
 }
 
@@ -332,50 +151,11 @@ struct Waiter {
     tx: oneshot::Sender<Reply>,
 }
 
-/// How an attempt reaches a backend: HTTP in the service, a script in the queue tests (which run on paused
-/// time, where real sockets cannot: the clock would jump past every attempt timeout).
-pub trait Transport: Send + Sync + 'static {
-    /// Sends `request` to `backend` once and resolves to the attempt's result. Must not panic.
-    fn send(&self, backend: &BackendAddr, request: Arc<ForwardRequest>) -> BoxFuture<'static, AttemptResult>;
-}
-
-/// The service's transport: one pooled HTTP client for every backend; redirects are never followed.
-pub struct Http {
-    client: reqwest::Client,
-    timeout: Duration,
-}
-
-impl Http {
-    /// A client whose idle connections close after `pool_idle_timeout`; each attempt is bounded by `timeout`.
-    ///
-    /// # Errors
-    /// When the HTTP client cannot be built (its TLS-less builder does not fail in practice).
-    pub fn new(pool_idle_timeout: Duration, timeout: Duration) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(pool_idle_timeout)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .build()?;
-        Ok(Self { client, timeout })
-    }
-}
-
-impl Transport for Http {
-    fn send(&self, backend: &BackendAddr, request: Arc<ForwardRequest>) -> BoxFuture<'static, AttemptResult> {
-        let client = self.client.clone();
-        let url = backend.target(&request.path_and_query);
-        let timeout = self.timeout;
-        Box::pin(async move { send_attempt(&client, &url, &request, timeout).await })
-    }
-}
-
-/// What the dispatcher and its workers share.
-pub struct Shared {
-    transport: Arc<dyn Transport>,
+/// The dispatcher's state. Its queue workers see none of it: they report through [`Events`].
+struct Shared {
     settings: DispatchSettings,
     metrics: Metrics,
-    outbox: Outbox,
+    log: Arc<dyn WriteLog>,
     replays: Replays,
     labels: Vec<Arc<str>>,
     queues: Vec<mpsc::UnboundedSender<Msg>>,
@@ -391,67 +171,46 @@ pub struct Shared {
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
+impl Events for Shared {
+    fn report(&self, event: Event) {
+        match event {
+            Event::Finished { index, id, result } => {
+                let mut waiting = self.waiting();
+                let Some(w) = waiting.get_mut(&id) else { return };
+                w.tally.record(index, result);
+                let decision = w.tally.decide();
+                if decision == Decision::Wait {
+                    return;
+                }
+                if let Some(w) = waiting.remove(&id) {
+                    let uuid = Uuid::from_u128(id);
+                    let summary = Summary::from_view(uuid, w.tally.view(&self.labels, id_time_ms(id)));
+                    // The client may have gone: the delivery went on regardless.
+                    let _ = w.tx.send(Reply { decision, summary });
+                }
+            }
+            Event::RefusedEverywhere { id, backends } => {
+                tracing::info!(
+                    delivery_id = %Uuid::from_u128(id),
+                    "every backend refused this write: applied nowhere, its dead letters are dropped"
+                );
+                // Their workers' dead-letter gauges follow.
+                for b in &backends {
+                    self.tell(b, Msg::Discarded(1));
+                }
+            }
+        }
+    }
+
+    fn clients_waiting(&self) -> bool {
+        !self.waiting().is_empty()
+    }
+}
+
 impl Shared {
     fn waiting(&self) -> MutexGuard<'_, HashMap<u128, Waiter>> {
         // Every critical section leaves the map consistent, so a poisoned lock is still usable.
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// How attempts are sent.
-    pub fn transport(&self) -> &Arc<dyn Transport> {
-        &self.transport
-    }
-
-    /// The retry schedule.
-    pub fn backoff(&self) -> Backoff {
-        self.settings.backoff
-    }
-
-    /// Attempts per backend per delivery.
-    pub fn max_attempts(&self) -> u32 {
-        self.settings.max_attempts
-    }
-
-    /// True while some client waits for its answer.
-    pub fn clients_waiting(&self) -> bool {
-        !self.waiting().is_empty()
-    }
-
-    /// The store.
-    pub fn outbox(&self) -> &Outbox {
-        &self.outbox
-    }
-
-    /// A worker's report: delivery `id` ended on backend `index`. Answers its client if that decides it.
-    pub fn record(&self, index: usize, id: u128, result: BackendResult) {
-        let mut waiting = self.waiting();
-        let Some(w) = waiting.get_mut(&id) else { return };
-        w.tally.record(index, result);
-        let decision = w.tally.decide();
-        if decision == Decision::Wait {
-            return;
-        }
-        if let Some(w) = waiting.remove(&id) {
-            let uuid = Uuid::from_u128(id);
-            let summary = Summary::from_view(uuid, w.tally.view(&self.labels, crate::outbox::id_time_ms(id)));
-            // The client may have gone: the delivery went on regardless.
-            let _ = w.tx.send(Reply { decision, summary });
-        }
-    }
-
-    /// Every backend refused delivery `id` and the store dropped its dead letters from `backends`: their
-    /// workers' gauges follow.
-    pub fn refused_everywhere(&self, id: u128, backends: &[String]) {
-        if backends.is_empty() {
-            return;
-        }
-        tracing::info!(
-            delivery_id = %Uuid::from_u128(id),
-            "every backend refused this write: applied nowhere, its dead letters are dropped"
-        );
-        for b in backends {
-            self.tell(b, Msg::Discarded(1));
-        }
     }
 
     /// Sends `msg` to the worker of backend `label`, if it is in the pool.
@@ -477,7 +236,7 @@ impl Shared {
         idempotency: Option<(String, KeyRecord)>,
     ) {
         let key = idempotency.as_ref().map(|(k, r)| (k.as_str(), r));
-        match self.outbox.accept(id, &record, key).await {
+        match self.log.append(id, &record, key).await {
             Ok(()) => {
                 // Stored: repeats of its idempotency key are replays from now on.
                 if let Some((key, _)) = &idempotency {
@@ -499,26 +258,26 @@ impl Shared {
 
 impl Dispatcher {
     /// A dispatcher sending over HTTP ([`Http`]), with one queue worker per backend started on the current
-    /// runtime. `startup` is what the outbox holds (see [`Outbox::startup`]).
+    /// runtime. `startup` is what the log holds (see [`WriteLog::startup`]).
     ///
     /// # Errors
     /// When the HTTP client cannot be built (its TLS-less builder does not fail in practice).
     pub fn new(
         settings: DispatchSettings,
         metrics: Metrics,
-        outbox: Outbox,
+        log: Arc<dyn WriteLog>,
         replays: Replays,
         startup: &Startup,
     ) -> Result<Self, reqwest::Error> {
         let http = Http::new(settings.pool_idle_timeout, settings.attempt_timeout)?;
-        Ok(Self::with_transport(settings, metrics, outbox, replays, startup, Arc::new(http)))
+        Ok(Self::with_transport(settings, metrics, log, replays, startup, Arc::new(http)))
     }
 
     /// A dispatcher sending through `transport`; see [`Dispatcher::new`].
     pub fn with_transport(
         settings: DispatchSettings,
         metrics: Metrics,
-        outbox: Outbox,
+        log: Arc<dyn WriteLog>,
         replays: Replays,
         startup: &Startup,
         transport: Arc<dyn Transport>,
@@ -527,11 +286,10 @@ impl Dispatcher {
         let (senders, receivers): (Vec<_>, Vec<_>) = settings.pool.iter().map(|_| mpsc::unbounded_channel()).unzip();
         let (stop, stopped) = watch::channel(false);
         let shared = Arc::new(Shared {
-            transport,
             clients: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             metrics: metrics.clone(),
-            outbox,
+            log,
             replays,
             labels,
             queues: senders,
@@ -547,16 +305,18 @@ impl Dispatcher {
         for (index, rx) in receivers.into_iter().enumerate() {
             let addr = shared.settings.pool[index].clone();
             let counts = startup.backends.get(addr.label()).cloned().unwrap_or_default();
-            let worker = Worker::new(
-                shared.clone(),
+            let ctx = WorkerContext {
                 index,
-                addr.clone(),
-                metrics.backend(addr.label()),
-                shared.settings.queue,
-                rx,
-                stopped.clone(),
-                (counts.pending, counts.dead),
-            );
+                metrics: metrics.backend(addr.label()),
+                addr,
+                log: shared.log.clone(),
+                transport: transport.clone(),
+                backoff: shared.settings.backoff,
+                max_attempts: shared.settings.max_attempts,
+                settings: shared.settings.queue,
+                events: shared.clone(),
+            };
+            let worker = Worker::new(ctx, rx, stopped.clone(), counts);
             workers.push(tokio::spawn(worker.run()));
         }
         *shared.workers.lock().unwrap_or_else(|e| e.into_inner()) = workers;
@@ -580,7 +340,7 @@ impl Dispatcher {
         if shared.closing.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
-        if shared.outbox.unfinished() >= self.pending_limit() {
+        if shared.log.unfinished() >= self.pending_limit() {
             shared.metrics.rejected();
             return Err(SubmitError::Busy);
         }
@@ -597,7 +357,7 @@ impl Dispatcher {
         shared.waiting().insert(id, Waiter { tally: Tally::new(shared.settings.ack, shared.labels.len()), tx });
         let request = Arc::new(request);
         let key: Option<Arc<str>> = ordering_key.map(Arc::from);
-        let accepted_at_ms = crate::outbox::now_ms();
+        let accepted_at_ms = now_ms();
         let seq = {
             let _one_at_a_time = shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
             let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -617,7 +377,7 @@ impl Dispatcher {
     }
 
     fn pending_limit(&self) -> u64 {
-        if self.shared.outbox.durable() {
+        if self.shared.log.durable() {
             self.shared.settings.max_pending
         } else {
             u64::try_from(self.shared.settings.max_in_flight).unwrap_or(u64::MAX)
@@ -626,7 +386,7 @@ impl Dispatcher {
 
     /// Checks a client's idempotency key, reserving it for `id` when it is new.
     pub fn check_key(&self, key: &str, body_hash: [u8; 32], id: Uuid) -> Check {
-        self.shared.replays.check(key, body_hash, id.as_u128(), crate::outbox::now_ms())
+        self.shared.replays.check(key, body_hash, id.as_u128(), now_ms())
     }
 
     /// Releases a key reserved for a write that was refused.
@@ -637,23 +397,23 @@ impl Dispatcher {
     /// Keeps the answer given under a key, for replays (and in the outbox, for replays after a restart).
     pub fn answered(&self, key: &str, id: Uuid, record: KeyRecord, answer: StoredAnswer) {
         self.shared.replays.answered(key, id.as_u128(), answer.clone());
-        self.shared.outbox.answer(key, &KeyRecord { answer: Some(answer), ..record });
+        self.shared.log.answer(key, &KeyRecord { answer: Some(answer), ..record });
     }
 
     /// A delivery as stored, or `None` when it is unknown (or older than the idempotency window).
     ///
     /// # Errors
     /// When the store cannot be read.
-    pub async fn lookup(&self, id: Uuid) -> Result<Option<Summary>, StoreError> {
-        Ok(self.shared.outbox.view(id.as_u128()).await?.map(|v| Summary::from_view(id, v)))
+    pub async fn lookup(&self, id: Uuid) -> Result<Option<Summary>, LogError> {
+        Ok(self.shared.log.view(id.as_u128()).await?.map(|v| Summary::from_view(id, v)))
     }
 
     /// Up to `limit` dead letters, of one backend (as written in `--backends`) or all.
     ///
     /// # Errors
     /// When the store cannot be read.
-    pub async fn dead_letters(&self, backend: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        self.shared.outbox.dead_letters(backend, limit).await
+    pub async fn dead_letters(&self, backend: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, LogError> {
+        self.shared.log.dead_letters(DeadFilter { backend, id: None }, limit).await
     }
 
     /// Puts dead letters (of one backend, of one delivery, or all) back in their queues with fresh attempts, in
@@ -661,9 +421,10 @@ impl Dispatcher {
     ///
     /// # Errors
     /// When the store fails; nothing moved then.
-    pub async fn redrive(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, StoreError> {
+    pub async fn redrive(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, LogError> {
         let pool = self.shared.labels.iter().map(|l| l.to_string()).collect();
-        let moved = self.shared.outbox.redrive(backend, id.map(|i| i.as_u128()), pool).await?;
+        let filter = DeadFilter { backend, id: id.map(|i| i.as_u128()) };
+        let moved = self.shared.log.redrive(filter, pool).await?;
         for (b, n) in per_backend(&moved) {
             self.shared.tell(b, Msg::Redriven(n));
         }
@@ -675,8 +436,8 @@ impl Dispatcher {
     ///
     /// # Errors
     /// When the store fails; nothing is deleted then.
-    pub async fn discard(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, StoreError> {
-        let gone = self.shared.outbox.discard(backend, id.map(|i| i.as_u128())).await?;
+    pub async fn discard(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, LogError> {
+        let gone = self.shared.log.discard(DeadFilter { backend, id: id.map(|i| i.as_u128()) }).await?;
         for (b, n) in per_backend(&gone) {
             tracing::warn!(backend = b, n, "dead letters discarded: these writes will not reach this backend");
             self.shared.tell(b, Msg::Discarded(n));
@@ -691,15 +452,15 @@ impl Dispatcher {
 
     /// Deliveries not finished on every backend (pending, or a dead letter somewhere).
     pub fn unfinished(&self) -> u64 {
-        self.shared.outbox.unfinished()
+        self.shared.log.unfinished()
     }
 
     /// True while new writes can be accepted (not shutting down, below the bounds, the store healthy).
     pub fn ready(&self) -> bool {
         !self.shared.closing.load(Ordering::Acquire)
             && self.shared.clients.available_permits() > 0
-            && self.shared.outbox.unfinished() < self.pending_limit()
-            && self.shared.outbox.healthy()
+            && self.shared.log.unfinished() < self.pending_limit()
+            && self.shared.log.healthy()
     }
 
     /// The ack policy.
@@ -724,20 +485,15 @@ impl Dispatcher {
                 a.abort();
             }
         }
-        if let Err(err) = self.shared.outbox.flush().await {
+        if let Err(err) = self.shared.log.flush().await {
             tracing::error!(error = %err, "outbox: final flush failed");
         }
-        self.shared.outbox.unfinished()
-    }
-
-    /// The outbox.
-    pub fn outbox(&self) -> Outbox {
-        self.shared.outbox.clone()
+        self.shared.log.unfinished()
     }
 
     /// True when accepted writes are kept in a durable outbox.
     pub fn durable(&self) -> bool {
-        self.shared.outbox.durable()
+        self.shared.log.durable()
     }
 }
 
@@ -748,128 +504,4 @@ fn per_backend(rows: &[(String, u64)]) -> HashMap<&str, u64> {
         *counts.entry(b.as_str()).or_default() += 1;
     }
     counts
-}
-
-/// One attempt: the request with the shared body, bounded by `timeout` from connect to the last body byte.
-async fn send_attempt(
-    client: &reqwest::Client,
-    url: &reqwest::Url,
-    request: &ForwardRequest,
-    timeout: Duration,
-) -> AttemptResult {
-    let result = tokio::time::timeout(timeout, async {
-        let response = client
-            .request(request.method.clone(), url.clone())
-            .headers(request.headers.clone())
-            .body(request.body.clone())
-            .send()
-            .await?;
-        let status = response.status();
-        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-        let retry_after = match status {
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, SystemTime::now())),
-            _ => None,
-        };
-        let body = read_limited(response, MAX_ANSWER_BODY).await?;
-        Ok::<_, reqwest::Error>((status, content_type, body, retry_after))
-    })
-    .await;
-    match result {
-        Ok(Ok((status, content_type, body, retry_after))) => AttemptResult {
-            outcome: Outcome::from_status(status),
-            answer: Some(Answer { status, content_type, body }),
-            retry_after,
-        },
-        Ok(Err(err)) => AttemptResult { outcome: Outcome::from_error(&err), answer: None, retry_after: None },
-        Err(_elapsed) => AttemptResult { outcome: Outcome::Timeout, answer: None, retry_after: None },
-    }
-}
-
-/// Reads a response body, keeping it only if it fits in `limit` bytes (the rest is read and discarded so that
-/// the connection can be reused).
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, reqwest::Error> {
-    let mut kept = Vec::new();
-    let mut overflow = false;
-    while let Some(chunk) = response.chunk().await? {
-        if !overflow && kept.len() + chunk.len() <= limit {
-            kept.extend_from_slice(&chunk);
-        } else {
-            overflow = true;
-        }
-    }
-    Ok(if overflow { Bytes::new() } else { Bytes::from(kept) })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn answer(code: u16) -> Answer {
-        Answer {
-            status: StatusCode::from_u16(code).expect("status"),
-            content_type: None,
-            body: Bytes::from_static(b"x"),
-        }
-    }
-    fn ok() -> BackendResult {
-        BackendResult::Delivered { attempts: 1, answer: answer(201) }
-    }
-    fn rejected(code: u16) -> BackendResult {
-        BackendResult::DeadLetter { attempts: 1, reason: DeadLetterReason::Rejected, answer: Some(answer(code)) }
-    }
-    fn exhausted() -> BackendResult {
-        BackendResult::DeadLetter { attempts: 100, reason: DeadLetterReason::Exhausted, answer: None }
-    }
-    fn tally(policy: AckPolicy, results: &[(usize, BackendResult)]) -> Decision {
-        let mut t = Tally::new(policy, 3);
-        for (i, r) in results {
-            t.record(*i, r.clone());
-        }
-        t.decide()
-    }
-
-    #[test]
-    fn first_policy() {
-        assert_eq!(tally(AckPolicy::First, &[]), Decision::Wait);
-        assert_eq!(tally(AckPolicy::First, &[(1, ok())]), Decision::Acked { answer: answer(201) });
-        assert_eq!(tally(AckPolicy::First, &[(0, exhausted()), (1, exhausted())]), Decision::Wait);
-        assert_eq!(tally(AckPolicy::First, &[(0, exhausted()), (1, exhausted()), (2, exhausted())]), Decision::Unmet);
-        assert_eq!(tally(AckPolicy::First, &[(0, rejected(400)), (1, rejected(400))]), Decision::Wait);
-        assert_eq!(
-            tally(AckPolicy::First, &[(0, rejected(400)), (1, rejected(400)), (2, rejected(400))]),
-            Decision::PassBack { answer: answer(400) }
-        );
-        assert_eq!(
-            tally(AckPolicy::First, &[(0, rejected(400)), (1, rejected(404)), (2, rejected(400))]),
-            Decision::Unmet
-        );
-        assert_eq!(
-            tally(AckPolicy::First, &[(0, rejected(302)), (1, rejected(302)), (2, rejected(302))]),
-            Decision::Unmet
-        );
-        assert_eq!(tally(AckPolicy::First, &[(0, rejected(400)), (1, ok())]), Decision::Acked { answer: answer(201) });
-    }
-
-    #[test]
-    fn quorum_and_all_policies() {
-        assert_eq!(tally(AckPolicy::Quorum, &[(0, ok())]), Decision::Wait);
-        assert!(matches!(tally(AckPolicy::Quorum, &[(0, ok()), (2, ok())]), Decision::Acked { .. }));
-        assert_eq!(tally(AckPolicy::Quorum, &[(0, exhausted())]), Decision::Wait);
-        assert_eq!(tally(AckPolicy::Quorum, &[(0, exhausted()), (1, exhausted())]), Decision::Unmet);
-        assert_eq!(tally(AckPolicy::All, &[(0, ok()), (1, ok())]), Decision::Wait);
-        assert!(matches!(tally(AckPolicy::All, &[(0, ok()), (1, ok()), (2, ok())]), Decision::Acked { .. }));
-        assert_eq!(tally(AckPolicy::All, &[(0, exhausted())]), Decision::Unmet);
-        // One replica refuses what the others took: unmet, not passed back.
-        assert_eq!(tally(AckPolicy::All, &[(0, ok()), (1, rejected(404))]), Decision::Unmet);
-        // A refusal while others are pending: wait to see whether they all agree.
-        assert_eq!(tally(AckPolicy::All, &[(1, rejected(400))]), Decision::Wait);
-        assert_eq!(
-            tally(AckPolicy::All, &[(0, rejected(400)), (1, rejected(400)), (2, rejected(400))]),
-            Decision::PassBack { answer: answer(400) }
-        );
-    }
 }

@@ -8,30 +8,36 @@
 //! - [`backoff`]: the retry schedule as pure functions, and `Retry-After` parsing.
 //! - [`backend`]: a backend's address and the classification of an attempt's result.
 //! - [`forward`]: which headers cross to the backends, and the ids added to them.
-//! - [`delivery`]: accepting a write, the ack policy's decision, the bounds; one attempt over HTTP.
-//! - [`queue`]: one worker per backend draining its queue: per-user order, retries, breaker, retry budget.
+//! - [`delivery`]: the dispatcher: accepting a write, its place in every queue, answering its client, the bounds.
+//! - [`tally`]: the ack policy's decision for one delivery, a pure function of the backends' results.
+//! - [`attempt`]: one attempt on one backend: its result, and the transport (HTTP) that carries it.
+//! - [`queue`]: one worker per backend draining its queue: per-user order, retries, breaker, retry budget; it
+//!   reports what happened as events.
 //! - [`breaker`]: the circuit breaker's state machine.
-//! - [`outbox`]: the store of accepted writes, queues and dead letters (redb, group commits).
+//! - [`log`]: the write log, the one seam to storage: accepted writes, queues, dead letters, idempotency records.
 //! - [`replay`]: idempotent client replay by `Idempotency-Key`.
 //! - [`routes`]: the axum routers and the error type clients see.
 //! - [`metrics`]: every metric name and HELP text.
 //!
 //! [`run`] is the seam: `main` and the tests call it with a config and two bound listeners.
 
+pub mod attempt;
 pub mod backend;
 pub mod backoff;
 pub mod breaker;
 pub mod config;
 pub mod delivery;
 pub mod forward;
+pub mod log;
 pub mod metrics;
-pub mod outbox;
 pub mod queue;
 pub mod replay;
 pub mod routes;
+pub mod tally;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -39,6 +45,7 @@ use tokio::sync::watch;
 
 pub use crate::config::{AckPolicy, Config, ConfigError, LogFormat};
 use crate::delivery::{DispatchSettings, Dispatcher};
+use crate::log::WriteLog;
 use crate::metrics::Metrics;
 use crate::routes::AppState;
 
@@ -66,7 +73,7 @@ pub enum RunError {
         /// The directory.
         dir: String,
         /// What failed.
-        error: outbox::StoreError,
+        error: log::LogError,
     },
 }
 
@@ -91,17 +98,16 @@ pub async fn run(
              --no-outbox to deliver them"
         );
     }
-    let outbox = match config.outbox_dir() {
-        Some(dir) => outbox::Outbox::open(dir),
-        None => outbox::Outbox::in_memory(),
-    }
-    .map_err(store_error)?;
+    let log: Arc<dyn WriteLog> = match config.outbox_dir() {
+        Some(dir) => Arc::new(log::redb::RedbLog::open(dir).map_err(store_error)?),
+        None => Arc::new(log::redb::RedbLog::in_memory().map_err(store_error)?),
+    };
     let labels = pool.iter().map(|b| b.label().to_owned()).collect();
     let pool_size = pool.len();
-    let startup = outbox.startup(labels).await.map_err(store_error)?;
+    let startup = log.startup(labels).await.map_err(store_error)?;
     let window_ms = u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
-    let keys = outbox.idempotency_keys(window_ms, outbox::now_ms()).await.map_err(store_error)?;
-    let replays = replay::Replays::new(config.idempotency_window, keys, outbox::now_ms());
+    let keys = log.idempotency_keys(window_ms, log::now_ms()).await.map_err(store_error)?;
+    let replays = replay::Replays::new(config.idempotency_window, keys, log::now_ms());
     let metrics = Metrics::new();
     let dispatcher = Dispatcher::new(
         DispatchSettings {
@@ -125,7 +131,7 @@ pub async fn run(
             },
         },
         metrics.clone(),
-        outbox.clone(),
+        log.clone(),
         replays,
         &startup,
     )?;
@@ -174,7 +180,7 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 n += 1;
-                outbox.tick(window_ms, keep_delivered);
+                log.tick(window_ms, keep_delivered);
                 if n.is_multiple_of(UPKEEP_INTERVAL.as_secs()) {
                     metrics.run_upkeep();
                 }

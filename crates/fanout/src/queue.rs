@@ -31,12 +31,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
+use crate::attempt::{Answer, AttemptResult, Transport};
 use crate::backend::{BackendAddr, Outcome};
+use crate::backoff::Backoff;
 use crate::breaker::{Breaker, Change};
-use crate::delivery::{Answer, AttemptResult, BackendResult, Shared};
 use crate::forward::ForwardRequest;
+use crate::log::{BackendCounts, DeadRow, DeliveredRow, Loaded, LogError, QueueRow, Settlement, WriteLog, now_ms};
 use crate::metrics::{BackendMetrics, DeadLetterReason};
-use crate::outbox::{DeadRow, DeliveredRow, Loaded, QueueRow, StoreError, now_ms};
+use crate::tally::BackendResult;
 
 /// Entries of one backend held in memory at most; the others wait on disk.
 pub const WINDOW: usize = 4096;
@@ -121,15 +123,71 @@ pub struct QueueSettings {
 /// The budget's memory: first attempts older than this no longer earn retries (tower's `ttl`).
 const BUDGET_TTL: Duration = Duration::from_secs(10);
 
+/// What a worker reports to whoever runs it (the dispatcher), as it happens.
+#[derive(Debug)]
+pub enum Event {
+    /// Write `id` ended on backend `index`: delivered, or a dead letter.
+    Finished {
+        /// The backend's place in the pool.
+        index: usize,
+        /// The delivery.
+        id: u128,
+        /// How it ended.
+        result: BackendResult,
+    },
+    /// Every backend refused write `id`; the log dropped its dead letters on `backends` (labels).
+    RefusedEverywhere {
+        /// The delivery.
+        id: u128,
+        /// The backends whose dead letter was dropped.
+        backends: Vec<String>,
+    },
+}
+
+/// Where a worker sends its [`Event`]s, and the one thing it asks of the rest of the service.
+pub trait Events: Send + Sync + 'static {
+    /// Takes an event. Called on the worker's task: must not block.
+    fn report(&self, event: Event);
+    /// True while some client waits for its answer (at shutdown, a worker over a durable log keeps sending only
+    /// while one does).
+    fn clients_waiting(&self) -> bool;
+}
+
+/// Everything a worker needs, and nothing of the dispatcher's state.
+pub struct WorkerContext {
+    /// The backend's place in the pool.
+    pub index: usize,
+    /// The backend.
+    pub addr: BackendAddr,
+    /// The write log: pending entries are read from it and settled in it.
+    pub log: Arc<dyn WriteLog>,
+    /// How attempts are sent.
+    pub transport: Arc<dyn Transport>,
+    /// The retry schedule (also the breaker's probe schedule).
+    pub backoff: Backoff,
+    /// Attempts per entry before it becomes a dead letter.
+    pub max_attempts: u32,
+    /// Concurrency, breaker and budget.
+    pub settings: QueueSettings,
+    /// The backend's series.
+    pub metrics: BackendMetrics,
+    /// Where events go.
+    pub events: Arc<dyn Events>,
+}
+
 /// A finished attempt: (order, was it a probe, when it started, result).
 type Finished = (u64, bool, Instant, AttemptResult);
 
 /// One backend's worker. Run it with [`Worker::run`].
 pub struct Worker {
-    shared: Arc<Shared>,
     index: usize,
     label: Arc<str>,
     addr: BackendAddr,
+    log: Arc<dyn WriteLog>,
+    transport: Arc<dyn Transport>,
+    backoff: Backoff,
+    max_attempts: u32,
+    events: Arc<dyn Events>,
     metrics: BackendMetrics,
     settings: QueueSettings,
     rx: mpsc::UnboundedReceiver<Msg>,
@@ -144,7 +202,7 @@ pub struct Worker {
     unstored_spilled: HashSet<u64>,
     /// An entry was spilled while a read was on its way.
     spilled_during_load: bool,
-    load: Option<BoxFuture<'static, Result<Vec<Loaded>, StoreError>>>,
+    load: Option<BoxFuture<'static, Result<Vec<Loaded>, LogError>>>,
     /// How many entries the read on its way asked for.
     load_asked: usize,
     /// Entries finished while a read was on its way (the read may still return them).
@@ -157,25 +215,25 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker for backend `index` of the pool, starting with `pending` entries and `dead` dead letters in the
-    /// store (read back as room allows).
-    #[allow(clippy::too_many_arguments)]
+    /// A worker for the backend of `ctx`, taking messages from `rx` until `closing` turns true, starting with
+    /// what the log holds for it (`counts`: pending entries and dead letters, read back as room allows).
     pub fn new(
-        shared: Arc<Shared>,
-        index: usize,
-        addr: BackendAddr,
-        metrics: BackendMetrics,
-        settings: QueueSettings,
+        ctx: WorkerContext,
         rx: mpsc::UnboundedReceiver<Msg>,
         closing: watch::Receiver<bool>,
-        (pending, dead): (u64, u64),
+        counts: BackendCounts,
     ) -> Self {
-        let backoff = shared.backoff();
+        let WorkerContext { index, addr, log, transport, backoff, max_attempts, settings, metrics, events } = ctx;
+        let BackendCounts { pending, dead } = counts;
         Self {
             label: addr.label().into(),
-            shared,
             index,
             addr,
+            log,
+            transport,
+            backoff,
+            max_attempts,
+            events,
             metrics,
             settings,
             rx,
@@ -208,7 +266,7 @@ impl Worker {
         let mut closing = *self.closing.borrow();
         loop {
             let now = Instant::now();
-            let keep_sending = !closing || !self.shared.outbox().durable() || self.shared.clients_waiting();
+            let keep_sending = !closing || !self.log.durable() || self.events.clients_waiting();
             if keep_sending {
                 self.start_load(now);
                 self.launch(now);
@@ -373,7 +431,7 @@ impl Worker {
     fn start(&mut self, seq: u64, probe: bool) {
         let Some(e) = self.entries.get_mut(&seq) else { return };
         e.in_flight = true;
-        let attempt = self.shared.transport().send(&self.addr, e.request.clone());
+        let attempt = self.transport.send(&self.addr, e.request.clone());
         let started = Instant::now();
         self.running.push(Box::pin(async move { (seq, probe, started, attempt.await) }));
     }
@@ -410,15 +468,13 @@ impl Worker {
             return;
         }
         let skip: HashSet<u64> = self.entries.keys().copied().collect();
-        let outbox = self.shared.outbox().clone();
-        let label = self.label.clone();
         self.spilled_during_load = false;
         self.finished_during_load.clear();
         self.load_asked = room;
-        self.load = Some(Box::pin(async move { outbox.load(&label, skip, room).await }));
+        self.load = Some(self.log.pending(&self.label, skip, room));
     }
 
-    fn loaded(&mut self, result: Result<Vec<Loaded>, StoreError>) {
+    fn loaded(&mut self, result: Result<Vec<Loaded>, LogError>) {
         let rows = match result {
             Ok(rows) => rows,
             Err(err) => {
@@ -474,7 +530,7 @@ impl Worker {
                 self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }, result.outcome)
                     .await;
             }
-            _ if !probe && attempts >= self.shared.max_attempts() => {
+            _ if !probe && attempts >= self.max_attempts => {
                 let reason = DeadLetterReason::Exhausted;
                 self.finish(seq, BackendResult::DeadLetter { attempts, reason, answer: result.answer }, result.outcome)
                     .await;
@@ -484,7 +540,7 @@ impl Worker {
                     // The breaker decides when the next attempt goes; the entry keeps its place.
                     Duration::ZERO
                 } else {
-                    self.shared.backoff().delay_with_hint(attempts - 1, result.retry_after, &mut rand::rng())
+                    self.backoff.delay_with_hint(attempts - 1, result.retry_after, &mut rand::rng())
                 };
                 if probe {
                     let next = self.breaker.probe_due().map_or(0, |at| at.saturating_duration_since(now).as_millis());
@@ -507,7 +563,7 @@ impl Worker {
                 let due_ms = if wait.is_zero() { 0 } else { now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0) };
                 let row =
                     QueueRow { id, attempts, due_ms, last_status, last_outcome: Some(outcome.as_str().to_owned()) };
-                self.shared.outbox().progress(&self.label, seq, row);
+                self.log.settle(&self.label, seq, Settlement::DueAgain(row)).await;
                 if let Some(e) = self.entries.get_mut(&seq) {
                     e.due = now + wait;
                 }
@@ -555,12 +611,11 @@ impl Worker {
         }
         self.pending = self.pending.saturating_sub(1);
         self.metrics.pending().set(self.pending as f64);
-        let outbox = self.shared.outbox();
         match &result {
             BackendResult::Delivered { attempts, answer } => {
                 let position = u16::try_from(self.index).unwrap_or(u16::MAX);
                 let row = DeliveredRow { attempts: *attempts, status: answer.status.as_u16(), position };
-                outbox.delivered(&self.label, seq, e.id, row).await;
+                self.log.settle(&self.label, seq, Settlement::Delivered { id: e.id, row }).await;
             }
             BackendResult::DeadLetter { attempts, reason, answer } => {
                 let last_status = answer.as_ref().map(|a| a.status.as_u16());
@@ -585,15 +640,17 @@ impl Worker {
                     last_outcome: Some(outcome.as_str().to_owned()),
                     at_ms: now_ms(),
                 };
-                outbox.dead_letter(&self.label, seq, row).await;
+                self.log.settle(&self.label, seq, Settlement::Dead(row)).await;
                 if *reason == DeadLetterReason::Rejected {
                     // Refused by every backend: applied nowhere, nothing to redrive; it must not hold the bounds.
-                    let dropped = outbox.drop_refused(e.id).await;
-                    self.shared.refused_everywhere(e.id, &dropped);
+                    let backends = self.log.drop_refused(e.id).await;
+                    if !backends.is_empty() {
+                        self.events.report(Event::RefusedEverywhere { id: e.id, backends });
+                    }
                 }
             }
         }
-        self.shared.record(self.index, e.id, result);
+        self.events.report(Event::Finished { index: self.index, id: e.id, result });
     }
 
     fn update_gauges(&self) {
@@ -629,9 +686,10 @@ mod tests {
     use super::*;
     use crate::backoff::Backoff;
     use crate::config::AckPolicy;
-    use crate::delivery::{DispatchSettings, Dispatcher, Transport};
+    use crate::delivery::{DispatchSettings, Dispatcher};
+    use crate::log::WriteLog;
+    use crate::log::redb::RedbLog;
     use crate::metrics::Metrics;
-    use crate::outbox::Outbox;
     use crate::replay::Replays;
 
     /// One attempt as the script saw it: backend, time since the script started, body, outcome.
@@ -700,7 +758,7 @@ mod tests {
         QueueSettings { concurrency: 64, breaker_failures: 0, budget_ratio: 1000.0, budget_min_per_sec: 1000 };
 
     async fn dispatcher(settings: DispatchSettings, script: &Arc<Script>) -> (Dispatcher, Metrics) {
-        let outbox = Outbox::in_memory().expect("store");
+        let outbox: Arc<dyn WriteLog> = Arc::new(RedbLog::in_memory().expect("store"));
         let labels = settings.pool.iter().map(|b| b.label().to_owned()).collect();
         let startup = outbox.startup(labels).await.expect("startup");
         let metrics = Metrics::new();

@@ -17,11 +17,13 @@ use serde_json::json;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::attempt::Answer;
 use crate::config::AckPolicy;
-use crate::delivery::{Answer, Decision, Dispatcher, Reply, SubmitError, Summary};
+use crate::delivery::{Dispatcher, Reply, SubmitError, Summary};
 use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
 use crate::metrics::Metrics;
 use crate::replay::{self, Check, KeyRecord, StoredAnswer};
+use crate::tally::Decision;
 
 /// How long a client may take between two pieces of its request body.
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);

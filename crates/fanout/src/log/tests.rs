@@ -1,0 +1,227 @@
+//! Conformance tests of the [`WriteLog`] rules, run against every implementation (see [`Kind`]): what one
+//! implementation passes, another must too.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::redb::RedbLog;
+use super::*;
+
+/// An implementation under test.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Redb,
+}
+
+impl Kind {
+    /// The durable log in `dir`.
+    fn open(self, dir: &Path) -> Arc<dyn WriteLog> {
+        match self {
+            Kind::Redb => Arc::new(RedbLog::open(dir).expect("open")),
+        }
+    }
+
+    /// The in-memory log (`--no-outbox`).
+    fn memory(self) -> Arc<dyn WriteLog> {
+        match self {
+            Kind::Redb => Arc::new(RedbLog::in_memory().expect("in memory")),
+        }
+    }
+}
+
+/// Runs each named conformance test against each implementation.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod redb {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Kind::Redb).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    queues_deliveries_and_dead_letters_survive_a_reopen,
+    at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given,
+    only_the_newest_delivered_records_are_kept,
+);
+
+fn backend(b: &str) -> DeadFilter {
+    DeadFilter { backend: Some(b.to_owned()), id: None }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fanout-outbox-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+const POOL: [&str; 3] = ["a:1", "b:1", "c:1"];
+
+fn write(seq: u64) -> StoredDelivery {
+    StoredDelivery {
+        seq,
+        accepted_at_ms: 1,
+        method: "POST".into(),
+        path_and_query: "/register?x=1".into(),
+        headers: vec![("content-type".into(), b"application/x-www-form-urlencoded".to_vec())],
+        body: format!("username=u{seq}&password=p").into_bytes(),
+        ordering_key: Some(format!("u{seq}")),
+        backends: POOL.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn pool() -> Vec<String> {
+    POOL.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn label(s: &str) -> Arc<str> {
+    Arc::from(s)
+}
+
+async fn seqs(outbox: &dyn WriteLog, backend: &str) -> Vec<u64> {
+    outbox.pending(&label(backend), HashSet::new(), 100).await.expect("load").iter().map(|l| l.seq).collect()
+}
+
+async fn queues_deliveries_and_dead_letters_survive_a_reopen(kind: Kind) {
+    let dir = temp_dir("reopen");
+    {
+        let outbox = kind.open(&dir);
+        for seq in 0..3u64 {
+            outbox.append(u128::from(seq) + 100, &write(seq), None).await.expect("accept");
+        }
+        assert_eq!(outbox.unfinished(), 3);
+        let progress = QueueRow { id: 100, attempts: 4, due_ms: 77, last_status: Some(503), last_outcome: None };
+        outbox.settle(&label("b:1"), 0, Settlement::DueAgain(progress.clone())).await;
+        for (i, b) in POOL.iter().enumerate() {
+            let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+            outbox.settle(&label(b), 1, Settlement::Delivered { id: 101, row }).await;
+        }
+        let dead = DeadRow {
+            id: 102,
+            attempts: 3,
+            reason: "exhausted".into(),
+            last_status: Some(503),
+            last_outcome: Some("status_5xx".into()),
+            at_ms: now_ms(),
+        };
+        outbox.settle(&label("c:1"), 2, Settlement::Dead(dead)).await;
+        // A durable commit after the non-durable ones makes them durable too.
+        let key = KeyRecord { delivery_id: 200, body_hash: [1; 32], at_ms: now_ms(), answer: None };
+        outbox.append(200, &write(9), Some(("client-key", &key))).await.expect("accept");
+        assert_eq!(outbox.unfinished(), 3, "101 finished everywhere, 200 added");
+        outbox.close().await;
+    }
+    let outbox = kind.open(&dir);
+    assert_eq!(outbox.unfinished(), 3);
+    assert_eq!(seqs(&*outbox, "a:1").await, [0, 2, 9]);
+    assert_eq!(seqs(&*outbox, "c:1").await, [0, 9], "the dead letter left the queue");
+    let loaded = outbox.pending(&label("b:1"), [2].into(), 1).await.expect("load");
+    assert_eq!(loaded.len(), 1, "limit applies");
+    assert_eq!(loaded[0].row.attempts, 4, "progress kept");
+    assert_eq!(loaded[0].delivery, write(0));
+    let skipped = outbox.pending(&label("b:1"), [0, 2].into(), 10).await.expect("load");
+    assert_eq!(skipped.iter().map(|l| l.seq).collect::<Vec<_>>(), [9], "skip applies");
+
+    let finished = outbox.view(101).await.expect("view").expect("kept for the window");
+    let states: Vec<_> = finished.backends.iter().map(|b| (b.backend.as_str(), b.state)).collect();
+    assert_eq!(
+        states,
+        [("a:1", BackendState::Delivered), ("b:1", BackendState::Delivered), ("c:1", BackendState::Delivered)]
+    );
+    let mixed = outbox.view(102).await.expect("view").expect("known");
+    assert_eq!(mixed.backends[0].state, BackendState::Pending);
+    assert_eq!(mixed.backends[2].state, BackendState::DeadLetter);
+    assert_eq!(mixed.backends[2].reason.as_deref(), Some("exhausted"));
+    assert!(outbox.view(999).await.expect("view").is_none());
+
+    let dead = outbox.dead_letters(DeadFilter::default(), 10).await.expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].backend.as_str(), dead[0].seq, dead[0].path.as_str()), ("c:1", 2, "/register"));
+    assert!(outbox.dead_letters(backend("a:1"), 10).await.expect("list").is_empty());
+    assert_eq!(outbox.redrive(backend("c:1"), pool()).await.expect("redrive"), [("c:1".to_owned(), 2)]);
+    assert_eq!(seqs(&*outbox, "c:1").await, [0, 2, 9], "back in its place, by acceptance order");
+    assert!(outbox.dead_letters(DeadFilter::default(), 10).await.expect("list").is_empty());
+    assert!(outbox.redrive(DeadFilter::default(), pool()).await.expect("redrive").is_empty());
+
+    let keys = outbox.idempotency_keys(60_000, now_ms()).await.expect("keys");
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].0, "client-key");
+    assert!(outbox.idempotency_keys(0, now_ms() + 10).await.expect("keys").is_empty(), "expired ones are deleted");
+    outbox.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given(kind: Kind) {
+    let outbox = kind.memory();
+    assert!(!outbox.durable());
+    for seq in [4u64, 7] {
+        outbox.append(u128::from(seq), &write(seq), None).await.expect("accept");
+    }
+    // a:1 is now written as a URL: the same backend (found by an attack run: its queue became dead letters).
+    let pool = vec!["c:1".to_owned(), "http://a:1".to_owned(), "new:1".to_owned()];
+    let start = outbox.startup(pool).await.expect("startup");
+    assert_eq!(start.max_seq, Some(7));
+    assert_eq!(start.orphaned, 2, "b:1 left the pool");
+    assert_eq!(start.backends["http://a:1"], BackendCounts { pending: 2, dead: 0 });
+    assert_eq!(seqs(&*outbox, "http://a:1").await, [4, 7]);
+    // Found by a second attack run: the deliveries still named the old spelling, so their view called it
+    // delivered.
+    let view = outbox.view(4).await.expect("view").expect("known");
+    let a = view.backends.iter().find(|b| b.backend == "http://a:1").expect("renamed in the view");
+    assert_eq!(a.state, BackendState::Pending);
+    assert_eq!(start.backends["new:1"], BackendCounts::default());
+    let dead = outbox.dead_letters(backend("b:1"), 10).await.expect("list");
+    assert_eq!(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>(), ["backend_removed"; 2]);
+    assert_eq!(outbox.unfinished(), 2, "a dead letter keeps its delivery");
+}
+
+async fn only_the_newest_delivered_records_are_kept(kind: Kind) {
+    let outbox = kind.memory();
+    let ids: Vec<u128> = (0..4u64).map(|_| uuid::Uuid::now_v7().as_u128()).collect();
+    for (seq, id) in ids.iter().enumerate() {
+        outbox.append(*id, &write(seq as u64), None).await.expect("accept");
+        for (i, b) in POOL.iter().enumerate() {
+            let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+            outbox.settle(&label(b), seq as u64, Settlement::Delivered { id: *id, row }).await;
+        }
+    }
+    outbox.flush().await.expect("flush");
+    outbox.tick(60_000, 6); // two deliveries of three backends
+    let known = futures_util::future::join_all(ids.iter().map(|id| outbox.view(*id))).await;
+    let known: Vec<bool> = known.into_iter().map(|v| v.expect("view").is_some()).collect();
+    assert_eq!(known, [false, false, true, true], "the two oldest were trimmed");
+    assert_eq!(outbox.unfinished(), 0);
+
+    // Found by an attack run: a delivery still pending somewhere lost its delivered backends from its view
+    // once their records were trimmed.
+    let pending = uuid::Uuid::now_v7().as_u128();
+    outbox.append(pending, &write(10), None).await.expect("accept");
+    for (i, b) in POOL.iter().enumerate().take(2) {
+        let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+        outbox.settle(&label(b), 10, Settlement::Delivered { id: pending, row }).await;
+    }
+    outbox.flush().await.expect("flush");
+    outbox.tick(60_000, 0);
+    let view = outbox.view(pending).await.expect("view").expect("pending");
+    let states: Vec<_> = view.backends.iter().map(|b| b.state).collect();
+    assert_eq!(states, [BackendState::Delivered, BackendState::Delivered, BackendState::Pending]);
+}
+
+#[test]
+fn an_unwritable_directory_is_refused() {
+    let err = RedbLog::open(Path::new("/proc/fanout-cannot-write-here")).err().expect("refused");
+    assert!(matches!(err, LogError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("/proc/fanout-cannot-write-here"), "{err}");
+}
+
+#[test]
+fn a_uuid_v7_carries_its_time() {
+    let id = uuid::Uuid::now_v7().as_u128();
+    assert!(now_ms().abs_diff(id_time_ms(id)) < 5_000);
+    assert_eq!(id_time_ms(uuid::Uuid::nil().as_u128()), 0);
+}
