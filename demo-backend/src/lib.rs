@@ -1,4 +1,4 @@
-//! The demo backend: one replica of the backend pool behind the fan-out stack (DESIGN 4).
+//! The demo backend: one replica of the backend pool behind the fan-out stack (docs/design.md section 10).
 //!
 //! It keeps the original demo server's environment (`SERVER_NAME`, `SERVER_PORT`, `SKIP_SOME_REQUESTS`), routes
 //! and answer texts, and is a real replica rather than a stub: it parses the form or JSON body, keeps users in

@@ -1,5 +1,5 @@
 //! One backend of the pool: its address as written by the operator, and the classification of an attempt's
-//! result into an [`Outcome`] (DESIGN 3.4), as pure code.
+//! result into an [`Outcome`] (docs/design.md section 4), as pure code.
 
 use std::fmt;
 use std::str::FromStr;
@@ -91,7 +91,7 @@ impl fmt::Display for BackendAddr {
     }
 }
 
-/// The class of one attempt's result (DESIGN 3.4). Its label values are a closed set.
+/// The class of one attempt's result (docs/design.md section 4). Its label values are a closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// `201 Created`: the write is delivered to this backend.

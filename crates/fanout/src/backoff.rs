@@ -1,4 +1,4 @@
-//! The retry schedule: truncated exponential backoff with jitter (DESIGN 3.3), as pure functions.
+//! The retry schedule: truncated exponential backoff with jitter (docs/design.md section 3), as pure functions.
 //!
 //! Before retry `n` (n = 0 for the second attempt) a backend worker waits
 //! `min(initial * 2^n, max) + jitter`, with `jitter` drawn uniformly in `[0, max_jitter]` anew for every retry.

@@ -1,12 +1,12 @@
 //! The circuit breaker of one backend (issue "backend health and retry discipline"), as a pure state machine
 //! driven by the backend's queue worker with tokio's clock.
 //!
-//! - **Closed**: the queue drains normally. Every transient failure (DESIGN 3.4: no connection, a timeout, `5xx`,
-//!   `429`) adds one to a count of consecutive failures; any HTTP answer that is not transient (a `201`, a
-//!   permanent `4xx`) resets it. At `--breaker-failures` the breaker opens.
+//! - **Closed**: the queue drains normally. Every transient failure (docs/design.md section 4: no connection, a
+//!   timeout, `5xx`, `429`) adds one to a count of consecutive failures; any HTTP answer that is not transient (a
+//!   `201`, a permanent `4xx`) resets it. At `--breaker-failures` the breaker opens.
 //! - **Open**: the queue pauses. Entries keep their place and their order, and no attempt counts against them.
-//!   When the probe is due (the retry schedule of DESIGN 3.3, by probe number: 1 s, 2 s, 4 s ... capped at
-//!   `--max-backoff`, with jitter) the worker sends the oldest eligible entry as the single probe: half-open.
+//!   When the probe is due (the retry schedule of docs/design.md section 3, by probe number: 1 s, 2 s, 4 s ...
+//!   capped at `--max-backoff`, with jitter) the worker sends the oldest eligible entry as the single probe: half-open.
 //! - **Half-open**: one probe on the wire, nothing else. A transient failure opens the breaker again with the next,
 //!   longer probe wait; any other answer closes it, and the worker makes every waiting entry due at once, so the
 //!   queue drains oldest first at its bounded concurrency. Answers to attempts sent before the breaker opened do

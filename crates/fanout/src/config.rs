@@ -1,5 +1,5 @@
 //! Configuration of the fanout service: one [`Config`] parsed by clap from flags and environment variables
-//! (DESIGN 3.2), then checked by [`Config::validate`] before any port is bound.
+//! (docs/design.md section 2), then checked by [`Config::validate`] before any port is bound.
 //!
 //! Every flag has an environment variable; the names the original Python service used (`BACKEND_POOL`,
 //! `MAX_ATTEMPTS`, ...) are kept. Durations take human units (`250ms`, `64s`, `1m`, via `humantime`) and sizes
@@ -16,7 +16,7 @@ pub use service_kit::LogFormat;
 
 use crate::backend::{BackendAddr, ParseBackendError};
 
-/// When the client of a write is answered (DESIGN 3.6).
+/// When the client of a write is answered (docs/design.md section 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AckPolicy {
     /// As soon as one backend answered `201` (the original's behaviour): the client gets that backend's answer.

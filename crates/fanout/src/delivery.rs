@@ -1,4 +1,4 @@
-//! Deliveries: one client write on its way to every backend of the pool (DESIGN 3.3 - 3.6).
+//! Deliveries: one client write on its way to every backend of the pool (docs/design.md sections 3-6).
 //!
 //! [`Dispatcher::submit`] gives the write its acceptance order and its place in every backend's queue (one
 //! [`crate::queue::Worker`] per backend), stores it in the outbox, and only then lets the workers send it. Each

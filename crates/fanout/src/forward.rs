@@ -1,7 +1,7 @@
-//! What a delivery sends to every backend (DESIGN 3.5): the original method, path and body, and the end-to-end
-//! headers. Hop-by-hop headers (RFC 9110 section 7.6.1: `Connection` and every header it names, `Keep-Alive`,
-//! `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and the `Proxy-*` family) are dropped, as are `Expect`,
-//! `Host` (each backend gets its own) and `Content-Length` (recomputed from the body).
+//! What a delivery sends to every backend (docs/design.md section 5): the original method, path and body, and
+//! the end-to-end headers. Hop-by-hop headers (RFC 9110 section 7.6.1: `Connection` and every header it names,
+//! `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and the `Proxy-*` family) are dropped, as are
+//! `Expect`, `Host` (each backend gets its own) and `Content-Length` (recomputed from the body).
 
 use std::net::IpAddr;
 

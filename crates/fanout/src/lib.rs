@@ -1,6 +1,6 @@
 //! The fanout service: it delivers every write it receives to every backend of a pool, each backend retried on
 //! its own with truncated exponential backoff and jitter, and answers the client per an ack policy. It rebuilds
-//! the aiohttp load balancer of `schefs/load_balancer_service` (see DESIGN.md) with bounded memory, clear answers
+//! the aiohttp load balancer of `schefs/load_balancer_service` (see docs/design.md) with bounded memory, clear answers
 //! to bad input and the original's Prometheus series.
 //!
 //! # Layout
@@ -100,7 +100,7 @@ pub async fn run(
     }
     let log: Arc<dyn WriteLog> = match config.outbox_dir() {
         Some(dir) => Arc::new(log::redb::RedbLog::open(dir).map_err(store_error)?),
-        None => Arc::new(log::redb::RedbLog::in_memory().map_err(store_error)?),
+        None => Arc::new(log::memory::MemoryLog::new()),
     };
     let labels = pool.iter().map(|b| b.label().to_owned()).collect();
     let pool_size = pool.len();

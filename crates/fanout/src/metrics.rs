@@ -1,5 +1,5 @@
-//! Every metric of the fanout service, declared once with its HELP text (DESIGN 3.8), and the handles the hot path
-//! uses so that no metric is looked up by name per attempt.
+//! Every metric of the fanout service, declared once with its HELP text (docs/design.md section 8), and the
+//! handles the hot path uses so that no metric is looked up by name per attempt.
 //!
 //! The four series of the original Python service keep their exact names (they are an interface: dashboards and
 //! alerts of its users read them). Our own series follow Prometheus naming: `fanout_` prefix, base units, `_total`
@@ -58,7 +58,7 @@ pub const REJECTED: &str = "fanout_rejected_writes_total";
 pub enum DeadLetterReason {
     /// `--max-attempts` attempts failed transiently.
     Exhausted,
-    /// The backend answered with a permanent failure (DESIGN 3.4).
+    /// The backend answered with a permanent failure (docs/design.md section 4).
     Rejected,
 }
 

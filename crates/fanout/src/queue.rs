@@ -688,7 +688,7 @@ mod tests {
     use crate::config::AckPolicy;
     use crate::delivery::{DispatchSettings, Dispatcher};
     use crate::log::WriteLog;
-    use crate::log::redb::RedbLog;
+    use crate::log::memory::MemoryLog;
     use crate::metrics::Metrics;
     use crate::replay::Replays;
 
@@ -758,7 +758,7 @@ mod tests {
         QueueSettings { concurrency: 64, breaker_failures: 0, budget_ratio: 1000.0, budget_min_per_sec: 1000 };
 
     async fn dispatcher(settings: DispatchSettings, script: &Arc<Script>) -> (Dispatcher, Metrics) {
-        let outbox: Arc<dyn WriteLog> = Arc::new(RedbLog::in_memory().expect("store"));
+        let outbox: Arc<dyn WriteLog> = Arc::new(MemoryLog::new());
         let labels = settings.pool.iter().map(|b| b.label().to_owned()).collect();
         let startup = outbox.startup(labels).await.expect("startup");
         let metrics = Metrics::new();

@@ -1,5 +1,5 @@
-//! The HTTP surface of the fanout service (DESIGN 3.7): the API router (writes, health, deliveries) and the
-//! metrics router, and the one place that turns an [`ApiError`] into what a client sees.
+//! The HTTP surface of the fanout service (docs/design.md section 7): the API router (writes, health,
+//! deliveries) and the metrics router, and the one place that turns an [`ApiError`] into what a client sees.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -429,7 +429,7 @@ async fn replayed(state: &AppState, record: KeyRecord) -> Response {
     response
 }
 
-/// The client's answer for a decided delivery (DESIGN 3.6), in a form that can be kept for replays.
+/// The client's answer for a decided delivery (docs/design.md section 6), in a form that can be kept for replays.
 fn answer(decision: Decision, policy: AckPolicy, progress: &Summary) -> StoredAnswer {
     let summary = |code: StatusCode| StoredAnswer {
         status: code.as_u16(),

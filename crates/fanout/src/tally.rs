@@ -1,6 +1,6 @@
 //! The ack policy's decision for one delivery: [`Tally`] collects how the write ended on each backend and
 //! decides, as a pure function of those results and the [`AckPolicy`], whether its client can be answered yet
-//! and how (the README's "Ack policy" section states the rule).
+//! and how (docs/design.md section 6 states the rule).
 
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ pub enum BackendResult {
     },
 }
 
-/// What the client of a write is told (DESIGN 3.6), decided by [`Tally::decide`].
+/// What the client of a write is told (docs/design.md section 6), decided by [`Tally::decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Not yet known: keep waiting.

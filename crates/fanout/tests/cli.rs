@@ -1,5 +1,5 @@
 //! The `fanout` binary's start-up contract: invalid configuration stops it with exit code 2 and one line naming
-//! the flag (and its environment variable), before any port is bound (DESIGN 3.2).
+//! the flag (and its environment variable), before any port is bound (docs/design.md section 2).
 
 mod common;
 

@@ -8,8 +8,9 @@
 //! the routes.
 //!
 //! # Implementations
-//! - [`redb::RedbLog`]: an embedded redb database (`DATA_DIR/outbox.redb`), durable with group commits; also
-//!   used in memory for `--no-outbox`.
+//! - [`redb::RedbLog`]: an embedded redb database (`DATA_DIR/outbox.redb`), durable with group commits.
+//! - [`memory::MemoryLog`]: plain maps under one lock, for `--no-outbox`: nothing survives the process, and no
+//!   store work is paid for.
 //!
 //! # Rules every implementation keeps
 //! - [`WriteLog::append`] resolves only once the write and its entries are durable (for a durable log): only then
@@ -21,6 +22,7 @@
 //!   that is already finished.
 //! - Reads see every operation sent before them on the same handle.
 
+pub mod memory;
 pub mod redb;
 #[cfg(test)]
 mod tests;
@@ -192,6 +194,31 @@ pub fn id_time_ms(id: u128) -> u64 {
         let (secs, nanos) = t.to_unix();
         secs * 1000 + u64::from(nanos / 1_000_000)
     })
+}
+
+/// The backend a label names, as a URL: `host:port` and `http://host:port` name the same backend.
+fn backend_url(label: &str) -> Option<String> {
+    label.parse::<crate::backend::BackendAddr>().ok().map(|a| a.url().to_string())
+}
+
+/// How a finished backend outcome shows in `GET /deliveries/{id}`: a `2xx` is delivered, status 0 a dead letter
+/// an operator deleted (see [`WriteLog::discard`]), any other status a write every backend refused (see
+/// [`WriteLog::drop_refused`]).
+fn delivered_view(backend: &str, row: DeliveredRow) -> BackendView {
+    let (state, outcome, reason) = match row.status {
+        0 => (BackendState::Discarded, None, Some("discarded")),
+        200..=299 => (BackendState::Delivered, Some("success"), None),
+        _ => (BackendState::Refused, Some("rejected"), Some("refused_everywhere")),
+    };
+    BackendView {
+        backend: backend.to_owned(),
+        state,
+        attempts: row.attempts,
+        status: (row.status != 0).then_some(row.status),
+        outcome: outcome.map(str::to_owned),
+        reason: reason.map(str::to_owned),
+        next_attempt_at: None,
+    }
 }
 
 /// `ms` since the epoch as RFC 3339 with milliseconds.

@@ -43,7 +43,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BackendCounts, BackendState, BackendView, DeadFilter, DeadLetter, DeadRow, DeliveredRow, DeliveryView, Loaded,
-    LogError, QueueRow, Settlement, Startup, StoredDelivery, WriteLog, id_time_ms, now_ms, rfc3339_ms,
+    LogError, QueueRow, Settlement, Startup, StoredDelivery, WriteLog, backend_url, delivered_view, id_time_ms, now_ms,
+    rfc3339_ms,
 };
 use crate::replay::KeyRecord;
 
@@ -727,24 +728,6 @@ fn view(db: &Database, id: u128) -> Result<Option<DeliveryView>, LogError> {
     let queue = txn.open_table(QUEUED).map_err(dberr)?;
     let dead = txn.open_table(DEAD).map_err(dberr)?;
     let delivered = txn.open_table(DELIVERED).map_err(dberr)?;
-    let delivered_view = |backend: &str, row: DeliveredRow| {
-        let (state, outcome, reason) = match row.status {
-            // A dead letter an operator deleted (see `discard`).
-            0 => (BackendState::Discarded, None, Some("discarded")),
-            200..=299 => (BackendState::Delivered, Some("success"), None),
-            // Every backend refused the write (see `drop_refused`).
-            _ => (BackendState::Refused, Some("rejected"), Some("refused_everywhere")),
-        };
-        BackendView {
-            backend: backend.to_owned(),
-            state,
-            attempts: row.attempts,
-            status: (row.status != 0).then_some(row.status),
-            outcome: outcome.map(str::to_owned),
-            reason: reason.map(str::to_owned),
-            next_attempt_at: None,
-        }
-    };
     let Some(record) = deliveries.get(id).map_err(dberr)? else {
         // Finished on every backend: what is left is the delivered rows, while the window keeps them.
         let mut backends = Vec::new();
@@ -880,11 +863,6 @@ fn redrive(
             .map_err(dberr)?;
     }
     Ok(moved.into_iter().map(|(b, seq, _)| (b, seq)).collect())
-}
-
-/// The backend a label names, as a URL: `host:port` and `http://host:port` name the same backend.
-fn backend_url(label: &str) -> Option<String> {
-    label.parse::<crate::backend::BackendAddr>().ok().map(|a| a.url().to_string())
 }
 
 /// Moves every row of `table` under backend label `from` to label `to`.

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::memory::MemoryLog;
 use super::redb::RedbLog;
 use super::*;
 
@@ -12,6 +13,7 @@ use super::*;
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Redb,
+    Memory,
 }
 
 impl Kind {
@@ -19,6 +21,8 @@ impl Kind {
     fn open(self, dir: &Path) -> Arc<dyn WriteLog> {
         match self {
             Kind::Redb => Arc::new(RedbLog::open(dir).expect("open")),
+            // Nothing survives: the reopen tests are for durable logs only.
+            Kind::Memory => unreachable!("the in-memory log has no directory"),
         }
     }
 
@@ -26,18 +30,19 @@ impl Kind {
     fn memory(self) -> Arc<dyn WriteLog> {
         match self {
             Kind::Redb => Arc::new(RedbLog::in_memory().expect("in memory")),
+            Kind::Memory => Arc::new(MemoryLog::new()),
         }
     }
 }
 
-/// Runs each named conformance test against each implementation.
+/// Runs each named conformance test against the implementations named.
 macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod redb {
+    ($module:ident, $kind:expr, [$($test:ident),* $(,)?]) => {
+        mod $module {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    super::$test(super::Kind::Redb).await;
+                    super::$test($kind).await;
                 }
             )*
         }
@@ -45,9 +50,23 @@ macro_rules! conformance {
 }
 
 conformance!(
-    queues_deliveries_and_dead_letters_survive_a_reopen,
-    at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given,
-    only_the_newest_delivered_records_are_kept,
+    redb,
+    super::Kind::Redb,
+    [
+        queues_deliveries_and_dead_letters_survive_a_reopen,
+        at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given,
+        only_the_newest_delivered_records_are_kept,
+        dead_letters_redrive_and_discard_by_delivery,
+    ]
+);
+conformance!(
+    memory,
+    super::Kind::Memory,
+    [
+        at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given,
+        only_the_newest_delivered_records_are_kept,
+        dead_letters_redrive_and_discard_by_delivery,
+    ]
 );
 
 fn backend(b: &str) -> DeadFilter {
@@ -224,4 +243,44 @@ fn a_uuid_v7_carries_its_time() {
     let id = uuid::Uuid::now_v7().as_u128();
     assert!(now_ms().abs_diff(id_time_ms(id)) < 5_000);
     assert_eq!(id_time_ms(uuid::Uuid::nil().as_u128()), 0);
+}
+
+/// The in-memory half of the reopen test: dead letters listed, redriven and deleted by delivery, the refused
+/// outcome of a write every backend refused, and the unfinished count through all of it.
+async fn dead_letters_redrive_and_discard_by_delivery(kind: Kind) {
+    let log = kind.memory();
+    for seq in 0..3u64 {
+        log.append(u128::from(seq) + 100, &write(seq), None).await.expect("append");
+    }
+    let dead = |id: u128, reason: &str| DeadRow {
+        id,
+        attempts: 1,
+        reason: reason.into(),
+        last_status: Some(400),
+        last_outcome: Some("rejected".into()),
+        at_ms: now_ms(),
+    };
+    log.settle(&label("a:1"), 0, Settlement::Dead(dead(100, "exhausted"))).await;
+    log.settle(&label("b:1"), 0, Settlement::Dead(dead(100, "exhausted"))).await;
+    let by_id = DeadFilter { backend: None, id: Some(100) };
+    assert_eq!(log.dead_letters(by_id.clone(), 10).await.expect("list").len(), 2);
+    assert_eq!(log.redrive(by_id.clone(), vec!["a:1".into()]).await.expect("redrive"), [("a:1".to_owned(), 0)]);
+    assert_eq!(seqs(&*log, "a:1").await, [0, 1, 2], "back in its place");
+    assert_eq!(log.discard(by_id).await.expect("discard"), [("b:1".to_owned(), 0)]);
+    let view = log.view(100).await.expect("view").expect("known");
+    let states: Vec<_> = view.backends.iter().map(|b| b.state).collect();
+    assert_eq!(states, [BackendState::Pending, BackendState::Discarded, BackendState::Pending]);
+    assert_eq!(log.unfinished(), 3);
+
+    // Refused by every backend: its dead letters go, the delivery finishes, its outcome stays.
+    for b in POOL {
+        log.settle(&label(b), 1, Settlement::Dead(dead(101, "rejected"))).await;
+    }
+    let mut dropped = log.drop_refused(101).await;
+    dropped.sort();
+    assert_eq!(dropped, pool());
+    assert_eq!(log.unfinished(), 2);
+    let view = log.view(101).await.expect("view").expect("kept");
+    assert!(view.backends.iter().all(|b| b.state == BackendState::Refused && b.status == Some(400)), "{view:?}");
+    assert!(log.drop_refused(102).await.is_empty(), "not refused anywhere");
 }
