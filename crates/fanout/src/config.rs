@@ -112,8 +112,8 @@ pub struct Config {
     #[arg(long, allow_hyphen_values = true, env = "ORDERING_KEY", default_value = "username")]
     pub ordering_key: String,
 
-    /// Directory of the durable outbox (`outbox.redb`): every accepted write is stored there before anything is
-    /// sent, and delivered after a restart if it was not yet.
+    /// Directory of the durable write log (`DATA_DIR/log/`): every accepted write is stored there before
+    /// anything is sent, delivered after a restart if it was not yet, and kept for `--history-window`.
     #[arg(long, allow_hyphen_values = true, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
@@ -150,6 +150,16 @@ pub struct Config {
     /// Retry budget floor: retries per second a backend may always get.
     #[arg(long, allow_hyphen_values = true, env = "RETRY_BUDGET_MIN_PER_SEC", default_value_t = 10)]
     pub retry_budget_min_per_sec: u32,
+
+    /// How long every accepted write is kept in the write log, delivered or not, so that a backend can be
+    /// recovered (`POST /backends/{backend}/recover` on the admin port): at most 30 days.
+    #[arg(long, allow_hyphen_values = true, env = "HISTORY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub history_window: Duration,
+
+    /// Bytes of history kept at most (the oldest goes first; writes still pending or dead-lettered never go).
+    /// With `--no-outbox` the history is kept in memory, and at most 64MiB of it.
+    #[arg(long, allow_hyphen_values = true, env = "HISTORY_MAX_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub history_max_bytes: ByteSize,
 
     /// How many finished deliveries `GET /deliveries/{id}` can still show (their outcomes are kept in the
     /// outbox, the newest first; pending ones are always shown).
@@ -204,6 +214,9 @@ pub enum ConfigError {
 /// near `u64::MAX` seconds overflow timers.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
+/// The most history kept in memory with `--no-outbox`, whatever `--history-max-bytes` says.
+pub const MEMORY_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
+
 impl Config {
     /// Checks what clap cannot, and returns the parsed backend pool.
     ///
@@ -224,6 +237,7 @@ impl Config {
         ] {
             range(value <= MAX_DURATION, flag, env, "at most 1 day (24h)")?;
         }
+        range(self.history_window <= 30 * MAX_DURATION, "history-window", "HISTORY_WINDOW", "at most 30 days (30d)")?;
         if self.metrics_port != 0 && self.metrics_port == self.listen.port() {
             return Err(ConfigError::PortClash);
         }
@@ -288,6 +302,15 @@ impl Config {
     /// The outbox directory, or `None` for in-memory operation (`--no-outbox`).
     pub fn outbox_dir(&self) -> Option<&std::path::Path> {
         Some(self.data_dir.as_path()).filter(|_| !self.no_outbox)
+    }
+
+    /// How much history the write log keeps (see `--history-window`, `--history-max-bytes`).
+    pub fn history_limits(&self) -> crate::log::HistoryLimits {
+        let max_bytes = self.history_max_bytes.as_u64();
+        crate::log::HistoryLimits {
+            window_ms: u64::try_from(self.history_window.as_millis()).unwrap_or(u64::MAX),
+            max_bytes: if self.no_outbox { max_bytes.min(MEMORY_HISTORY_BYTES) } else { max_bytes },
+        }
     }
 
     /// The address of the metrics listener: the IP of `--listen` with `--metrics-port`.

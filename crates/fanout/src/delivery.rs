@@ -31,7 +31,7 @@ use crate::log::{
     id_time_ms, now_ms,
 };
 use crate::metrics::Metrics;
-use crate::queue::{Event, Events, Msg, NewEntry, QueueSettings, Worker, WorkerContext};
+use crate::queue::{Event, Events, Msg, NewEntry, QueueSettings, RecoveryStatus, Worker, WorkerContext};
 use crate::replay::{Check, KeyRecord, Replays, StoredAnswer};
 use crate::tally::{Decision, Tally};
 
@@ -236,7 +236,7 @@ impl Shared {
         idempotency: Option<(String, KeyRecord)>,
     ) {
         let key = idempotency.as_ref().map(|(k, r)| (k.as_str(), r));
-        match self.log.append(id, &record, key).await {
+        match self.log.append(id, record, key).await {
             Ok(()) => {
                 // Stored: repeats of its idempotency key are replays from now on.
                 if let Some((key, _)) = &idempotency {
@@ -443,6 +443,38 @@ impl Dispatcher {
             self.shared.tell(b, Msg::Discarded(n));
         }
         Ok(gone.len())
+    }
+
+    /// Recovers backend `label` (of the pool): every write the history holds since `since_ms` is delivered to it
+    /// again, in acceptance order, without holding back the other backends (see [`Msg::Recover`]). Resolves
+    /// once the writes are queued, with the recovery's first status.
+    ///
+    /// # Errors
+    /// When the log cannot read its history or record the recovery ([`LogError::Busy`] while another recovery of
+    /// this backend is being started), or the worker is gone (shutting down).
+    pub async fn recover(&self, label: &str, since_ms: u64) -> Result<RecoveryStatus, LogError> {
+        let (done, answer) = oneshot::channel();
+        self.shared.tell(label, Msg::Recover { since_ms, done });
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// The latest recovery of every backend that had one, in pool order.
+    pub async fn recoveries(&self) -> Vec<RecoveryStatus> {
+        let mut out = Vec::new();
+        for q in &self.shared.queues {
+            let (reply, answer) = oneshot::channel();
+            if q.send(Msg::RecoveryStatus(reply)).is_ok()
+                && let Ok(Some(status)) = answer.await
+            {
+                out.push(status);
+            }
+        }
+        out
+    }
+
+    /// What the write log's history holds.
+    pub fn history(&self) -> crate::log::HistoryStats {
+        self.shared.log.history()
     }
 
     /// True when `label` is a backend of the pool.

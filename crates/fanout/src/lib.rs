@@ -67,7 +67,16 @@ pub enum RunError {
     /// A listener failed.
     #[error("listener failed: {0}")]
     Io(#[from] std::io::Error),
-    /// The outbox cannot be opened or read.
+    /// The data directory holds the outbox file of an earlier version, whose format is not read any more.
+    #[error(
+        "--data-dir (DATA_DIR) {dir} holds outbox.redb from an earlier version of fanout: let that version deliver \
+         what it holds (until fanout_pending_deliveries is 0), then remove the file"
+    )]
+    OldOutbox {
+        /// The directory.
+        dir: String,
+    },
+    /// The write log cannot be opened or read.
     #[error("--data-dir (DATA_DIR) {dir}: {error}")]
     Store {
         /// The directory.
@@ -91,16 +100,21 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let pool = config.validate()?;
     let store_error = |error| RunError::Store { dir: config.data_dir.display().to_string(), error };
-    if config.no_outbox && config.data_dir.join("outbox.redb").exists() {
+    if config.data_dir.join("outbox.redb").exists() {
+        // The store of earlier versions; its format is not read any more.
+        return Err(RunError::OldOutbox { dir: config.data_dir.display().to_string() });
+    }
+    if config.no_outbox && config.data_dir.join("log").exists() {
         tracing::warn!(
             data_dir = %config.data_dir.display(),
-            "--no-outbox: writes left in this outbox by an earlier run are NOT delivered now; start without \
+            "--no-outbox: writes left in this write log by an earlier run are NOT delivered now; start without \
              --no-outbox to deliver them"
         );
     }
+    let history = config.history_limits();
     let log: Arc<dyn WriteLog> = match config.outbox_dir() {
-        Some(dir) => Arc::new(log::redb::RedbLog::open(dir).map_err(store_error)?),
-        None => Arc::new(log::memory::MemoryLog::new()),
+        Some(dir) => Arc::new(log::disk::DiskLog::open(&dir.join("log"), history).map_err(store_error)?),
+        None => Arc::new(log::memory::MemoryLog::with_history(history)),
     };
     let labels = pool.iter().map(|b| b.label().to_owned()).collect();
     let pool_size = pool.len();

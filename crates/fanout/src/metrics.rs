@@ -52,6 +52,14 @@ pub const BUDGET_EXHAUSTED: &str = "fanout_retry_budget_exhausted_total";
 pub const BACKEND_UP: &str = "fanout_backend_up";
 /// Writes refused because `--max-in-flight` deliveries were already running.
 pub const REJECTED: &str = "fanout_rejected_writes_total";
+/// Bytes of history the write log keeps (gauge).
+pub const HISTORY_BYTES: &str = "fanout_history_bytes";
+/// Age of the oldest write the history keeps, in seconds (gauge).
+pub const HISTORY_OLDEST: &str = "fanout_history_oldest_seconds";
+/// Writes a recovering backend still has to catch up with (gauge, per backend; 0 when none).
+pub const RECOVERY_REMAINING: &str = "fanout_recovery_remaining";
+/// Writes queued again for a backend by recoveries (counter, per backend).
+pub const RECOVERED: &str = "fanout_recovered_writes_total";
 
 /// Why a delivery to one backend became a dead letter (label `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +98,8 @@ struct Inner {
     total_failed: Counter,
     in_flight: Gauge,
     rejected: Counter,
+    history_bytes: Gauge,
+    history_oldest: Gauge,
     /// Handles of `fanout_requests_total` by (route, status) and of the duration histogram by route, registered
     /// on first use: the hot path then reads a map instead of building and hashing a labelled key.
     request_counters: RwLock<HashMap<(&'static str, u16), Counter>>,
@@ -140,6 +150,15 @@ impl Metrics {
             ),
             (BACKEND_UP, Kind::Gauge, None, "1 if the backend's last attempt got an HTTP answer, else 0."),
             (REJECTED, Kind::Counter, None, "Writes refused with 503 at --max-in-flight or --max-pending."),
+            (HISTORY_BYTES, Kind::Gauge, Some(Unit::Bytes), "Bytes of history (accepted writes) the write log keeps."),
+            (HISTORY_OLDEST, Kind::Gauge, Some(Unit::Seconds), "Age of the oldest write the history keeps."),
+            (
+                RECOVERY_REMAINING,
+                Kind::Gauge,
+                None,
+                "Writes a recovering backend still has to catch up with (0 when it is not recovering).",
+            ),
+            (RECOVERED, Kind::Counter, None, "Writes queued again for a backend by recoveries."),
         ];
         for (name, kind, unit, help) in describe {
             let key = KeyName::from_const_str(name);
@@ -156,6 +175,8 @@ impl Metrics {
             total_failed: recorder.register_counter(&Key::from_static_name(TOTAL_FAILED), &METADATA),
             in_flight: recorder.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
             rejected: recorder.register_counter(&Key::from_static_name(REJECTED), &METADATA),
+            history_bytes: recorder.register_gauge(&Key::from_static_name(HISTORY_BYTES), &METADATA),
+            history_oldest: recorder.register_gauge(&Key::from_static_name(HISTORY_OLDEST), &METADATA),
             request_counters: RwLock::default(),
             request_durations: RwLock::default(),
             recorder,
@@ -166,6 +187,8 @@ impl Metrics {
         inner.total_failed.increment(0);
         inner.in_flight.set(0.0);
         inner.rejected.increment(0);
+        inner.history_bytes.set(0.0);
+        inner.history_oldest.set(0.0);
         Self { inner: Arc::new(inner) }
     }
 
@@ -197,6 +220,8 @@ impl Metrics {
             breaker_state: r.register_gauge(&with(BREAKER_STATE, "backend", None), &METADATA),
             budget_exhausted: r.register_counter(&with(BUDGET_EXHAUSTED, "backend", None), &METADATA),
             up: r.register_gauge(&with(BACKEND_UP, "backend", None), &METADATA),
+            recovery_remaining: r.register_gauge(&with(RECOVERY_REMAINING, "backend", None), &METADATA),
+            recovered: r.register_counter(&with(RECOVERED, "backend", None), &METADATA),
             attempt_duration: Outcome::LABELS.map(attempt),
         };
         m.success.increment(0);
@@ -209,6 +234,8 @@ impl Metrics {
         m.dead_letters.set(0.0);
         m.breaker_state.set(0.0);
         m.budget_exhausted.increment(0);
+        m.recovery_remaining.set(0.0);
+        m.recovered.increment(0);
         m
     }
 
@@ -230,6 +257,13 @@ impl Metrics {
     /// The gauge of deliveries in flight.
     pub fn in_flight(&self) -> &Gauge {
         &self.inner.in_flight
+    }
+
+    /// Sets the history gauges: `bytes` kept, the oldest write accepted at `oldest_ms` (ms since the epoch).
+    pub fn history(&self, bytes: u64, oldest_ms: Option<u64>, now_ms: u64) {
+        self.inner.history_bytes.set(bytes as f64);
+        let age = oldest_ms.map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
+        self.inner.history_oldest.set(age);
     }
 
     /// Counts one write refused at the in-flight bound.
@@ -282,6 +316,8 @@ pub struct BackendMetrics {
     breaker_state: Gauge,
     budget_exhausted: Counter,
     up: Gauge,
+    recovery_remaining: Gauge,
+    recovered: Counter,
     attempt_duration: [Histogram; Outcome::LABELS.len()],
 }
 
@@ -330,6 +366,16 @@ impl BackendMetrics {
             DeadLetterReason::Exhausted => self.dead_exhausted.increment(1),
             DeadLetterReason::Rejected => self.dead_rejected.increment(1),
         }
+    }
+
+    /// The gauge of writes a recovery still has to bring this backend.
+    pub fn recovery_remaining(&self) -> &Gauge {
+        &self.recovery_remaining
+    }
+
+    /// Counts writes queued again by a recovery.
+    pub fn recovered(&self, n: u64) {
+        self.recovered.increment(n);
     }
 
     /// The gauge of entries in this backend's queue.

@@ -27,7 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, watch};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
@@ -36,7 +37,10 @@ use crate::backend::{BackendAddr, Outcome};
 use crate::backoff::Backoff;
 use crate::breaker::{Breaker, Change};
 use crate::forward::ForwardRequest;
-use crate::log::{BackendCounts, DeadRow, DeliveredRow, Loaded, LogError, QueueRow, Settlement, WriteLog, now_ms};
+use crate::log::{
+    BackendCounts, DeadRow, DeliveredRow, Loaded, LogError, QueueRow, Recovered, Settlement, WriteLog, now_ms,
+    rfc3339_ms,
+};
 use crate::metrics::{BackendMetrics, DeadLetterReason};
 use crate::tally::BackendResult;
 
@@ -62,6 +66,63 @@ pub enum Msg {
     Redriven(u64),
     /// This many dead letters of this backend were deleted.
     Discarded(u64),
+    /// Recover this backend: every write the history holds since `since_ms` (ms since the epoch) is delivered
+    /// to it again, in acceptance order (see [`WriteLog::recover`]). The worker stops sending, waits for its
+    /// attempts on the wire, has the log queue the writes, reads its queue again from the log and goes on; a
+    /// user's new writes are behind that user's recovered ones because the queue is in acceptance order.
+    Recover {
+        /// Since when.
+        since_ms: u64,
+        /// Where the recovery's first status goes, once the writes are queued.
+        done: oneshot::Sender<Result<RecoveryStatus, LogError>>,
+    },
+    /// Where the latest recovery of this backend stands (`None`: there was none).
+    RecoveryStatus(oneshot::Sender<Option<RecoveryStatus>>),
+}
+
+/// Where a backend's recovery stands, as `GET /recoveries` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecoveryStatus {
+    /// The backend, as written in `--backends`.
+    pub backend: String,
+    /// `recovering` while it catches up, then `done`.
+    pub state: &'static str,
+    /// Writes accepted since this time are delivered again (RFC 3339).
+    pub since: String,
+    /// When the recovery started (RFC 3339).
+    pub started_at: String,
+    /// Writes the history held since then that were queued again (those still pending were not).
+    pub queued: u64,
+    /// Entries the backend had to catch up with when it started: the queued ones and those pending already.
+    pub total: u64,
+    /// Of those, how many are still pending.
+    pub remaining: u64,
+    /// When the oldest write the history held was accepted (RFC 3339).
+    pub history_from: Option<String>,
+    /// True when the history had dropped no write accepted since `since` (else those could not be recovered:
+    /// see `--history-window` and `--history-max-bytes`).
+    pub complete: bool,
+    /// Seconds to catch up at the rate so far (`None` before the first delivery, and once done).
+    pub eta_seconds: Option<f64>,
+}
+
+/// A recovery in progress or done.
+struct Recovery {
+    status: RecoveryStatus,
+    upto_seq: Option<u64>,
+    started: Instant,
+}
+
+impl Recovery {
+    fn status(&self) -> RecoveryStatus {
+        let mut status = self.status.clone();
+        let done = status.total - status.remaining;
+        if status.remaining > 0 && done > 0 {
+            let rate = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+            status.eta_seconds = Some((status.remaining as f64 / rate * 10.0).round() / 10.0);
+        }
+        status
+    }
 }
 
 /// A new write for one backend.
@@ -212,6 +273,14 @@ pub struct Worker {
     budget: TpsBudget,
     pending: u64,
     dead: u64,
+    /// A recovery asked for, waiting for the attempts on the wire to come back.
+    recover_asked: Option<(u64, oneshot::Sender<Result<RecoveryStatus, LogError>>)>,
+    /// The log queueing a recovery's writes.
+    recovering: Option<(u64, BoxFuture<'static, Result<Recovered, LogError>>)>,
+    /// Where the answer to the recovery being queued goes.
+    recover_reply: Option<oneshot::Sender<Result<RecoveryStatus, LogError>>>,
+    /// The latest recovery.
+    recovery: Option<Recovery>,
 }
 
 impl Worker {
@@ -253,6 +322,99 @@ impl Worker {
             budget: TpsBudget::new(BUDGET_TTL, settings.budget_min_per_sec, settings.budget_ratio),
             pending,
             dead,
+            recover_asked: None,
+            recovering: None,
+            recover_reply: None,
+            recovery: None,
+        }
+    }
+
+    /// True while a recovery stops the worker from sending.
+    fn paused(&self) -> bool {
+        self.recover_asked.is_some() || self.recovering.is_some()
+    }
+
+    /// Starts the log's part of an asked recovery once nothing is on the wire or being read.
+    fn start_recovery(&mut self) {
+        if self.recovering.is_some() || !self.running.is_empty() || self.load.is_some() {
+            return;
+        }
+        let Some((since_ms, done)) = self.recover_asked.take() else { return };
+        tracing::info!(backend = %self.addr, since = %rfc3339_ms(since_ms), "recovery: queueing the history again");
+        self.recovering = Some((since_ms, self.log.recover(&self.label, since_ms)));
+        // The answer goes once the log is done (see `recovered`).
+        self.recover_asked = None;
+        self.recover_reply = Some(done);
+    }
+
+    /// The log queued a recovery's writes: the window is read again from the log, in acceptance order.
+    fn recovered(&mut self, since_ms: u64, result: Result<Recovered, LogError>) {
+        let reply = self.recover_reply.take();
+        let r = match result {
+            Ok(r) => r,
+            Err(err) => {
+                tracing::error!(backend = %self.addr, error = %err, "recovery failed; nothing was queued");
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(err));
+                }
+                return;
+            }
+        };
+        // Everything in memory is in the log too (or will be, once stored): drop it and read the queue again,
+        // so that recovered entries take their places before later ones of the same user.
+        for (seq, e) in std::mem::take(&mut self.entries) {
+            if !e.stored {
+                self.unstored_spilled.insert(seq);
+            }
+        }
+        self.fifo.clear();
+        self.ready.clear();
+        self.finished_during_load.clear();
+        self.spilled = true;
+        self.pending += r.queued;
+        self.dead = self.dead.saturating_sub(r.from_dead_letters);
+        self.metrics.recovered(r.queued);
+        let now = now_ms();
+        let status = RecoveryStatus {
+            backend: self.addr.label().to_owned(),
+            state: if r.pending_upto > 0 { "recovering" } else { "done" },
+            since: rfc3339_ms(since_ms),
+            started_at: rfc3339_ms(now),
+            queued: r.queued,
+            total: r.pending_upto,
+            remaining: r.pending_upto,
+            history_from: r.oldest_ms.map(rfc3339_ms),
+            complete: r.dropped_upto_ms.is_none_or(|t| t < since_ms),
+            eta_seconds: None,
+        };
+        if !status.complete {
+            tracing::warn!(
+                backend = %self.addr,
+                since = %status.since,
+                history_from = status.history_from.as_deref().unwrap_or("(empty)"),
+                "recovery: the history does not reach back that far; older writes cannot be recovered"
+            );
+        }
+        tracing::info!(backend = %self.addr, queued = r.queued, to_catch_up = r.pending_upto, "recovery started");
+        self.metrics.recovery_remaining().set(r.pending_upto as f64);
+        self.recovery = Some(Recovery { status, upto_seq: r.upto_seq, started: Instant::now() });
+        self.update_gauges();
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(self.recovery.as_ref().map(Recovery::status).expect("just set")));
+        }
+    }
+
+    /// A recovered entry (or one pending when the recovery started) is no longer pending.
+    fn recovery_progress(&mut self, seq: u64) {
+        let Some(r) = self.recovery.as_mut() else { return };
+        if r.status.remaining == 0 || r.upto_seq.is_none_or(|upto| seq > upto) {
+            return;
+        }
+        r.status.remaining -= 1;
+        self.metrics.recovery_remaining().set(r.status.remaining as f64);
+        if r.status.remaining == 0 {
+            r.status.state = "done";
+            tracing::info!(backend = %self.addr, writes = r.status.total, "recovery done: the backend caught up");
         }
     }
 
@@ -267,7 +429,9 @@ impl Worker {
         loop {
             let now = Instant::now();
             let keep_sending = !closing || !self.log.durable() || self.events.clients_waiting();
-            if keep_sending {
+            if self.paused() {
+                self.start_recovery();
+            } else if keep_sending {
                 self.start_load(now);
                 self.launch(now);
             }
@@ -275,7 +439,7 @@ impl Worker {
             if closing && self.running.is_empty() && (empty || !keep_sending) {
                 return;
             }
-            let wake = self.next_wake();
+            let wake = if self.paused() { None } else { self.next_wake() };
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(msg) => {
@@ -295,6 +459,10 @@ impl Worker {
                     self.loaded(loaded);
                 }
                 () = async { match wake { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {}
+                recovered = async { match self.recovering.as_mut() { Some((_, f)) => f.await, None => std::future::pending().await } } => {
+                    let since = self.recovering.take().map_or(0, |(since, _)| since);
+                    self.recovered(since, recovered);
+                }
                 _ = gauges.tick() => self.update_gauges(),
                 _ = self.closing.changed(), if !closing => closing = true,
             }
@@ -338,6 +506,16 @@ impl Worker {
             Msg::Discarded(n) => {
                 self.dead = self.dead.saturating_sub(n);
                 self.metrics.dead_letters().set(self.dead as f64);
+            }
+            Msg::Recover { since_ms, done } => {
+                if self.paused() {
+                    let _ = done.send(Err(LogError::Busy("a recovery of this backend is being started")));
+                } else {
+                    self.recover_asked = Some((since_ms, done));
+                }
+            }
+            Msg::RecoveryStatus(reply) => {
+                let _ = reply.send(self.recovery.as_ref().map(Recovery::status));
             }
             Msg::Redriven(n) => {
                 self.pending += n;
@@ -609,6 +787,7 @@ impl Worker {
         if self.load.is_some() {
             self.finished_during_load.insert(seq);
         }
+        self.recovery_progress(seq);
         self.pending = self.pending.saturating_sub(1);
         self.metrics.pending().set(self.pending as f64);
         match &result {

@@ -83,6 +83,9 @@ pub enum ApiError {
     /// A backend that is not in the pool.
     #[error("no backend {0:?} in --backends")]
     UnknownBackend(String),
+    /// An admin operation that conflicts with one in progress.
+    #[error("{0}; try again in a moment")]
+    Conflict(&'static str),
     /// A bad query string on an admin route.
     #[error("bad query: {0}")]
     BadQuery(String),
@@ -104,7 +107,7 @@ impl IntoResponse for ApiError {
             | ApiError::NothingToRedrive => StatusCode::NOT_FOUND,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::KeyInProgress => StatusCode::CONFLICT,
+            ApiError::KeyInProgress | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &self {
@@ -151,11 +154,14 @@ pub fn api_router(state: AppState, max_body: usize) -> Router {
 /// The admin router, on the metrics port only (never behind nginx): `GET /metrics` (Prometheus text format
 /// 0.0.4), `GET /healthz`, `GET /dead-letters[?backend=B&limit=N]`, `POST /dead-letters/{id}/redrive[?backend=B]`,
 /// `POST /dead-letters/redrive[?backend=B]` (every backend without `backend`), `DELETE /dead-letters/{id}
-/// [?backend=B]` and `DELETE /dead-letters?backend=B` (a bulk delete must name its backend).
+/// [?backend=B]` and `DELETE /dead-letters?backend=B` (a bulk delete must name its backend); `POST
+/// /recoveries?backend=B&since=T` (T: RFC 3339, or a duration ago such as `1h`) and `GET /recoveries`.
 pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher) -> Router {
     let metrics_route = get(|State(a): State<Admin>| async move {
         // Read at scrape time: the store's count is exact, a periodic copy would lag.
         a.metrics.in_flight().set(a.dispatcher.unfinished() as f64);
+        let history = a.dispatcher.history();
+        a.metrics.history(history.bytes, history.oldest_ms, crate::log::now_ms());
         ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], a.metrics.render())
     });
     Router::new()
@@ -165,6 +171,7 @@ pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher) -> Router {
         .route("/dead-letters/{id}", delete(discard_one))
         .route("/dead-letters/redrive", post(redrive_all))
         .route("/dead-letters/{id}/redrive", post(redrive_one))
+        .route("/recoveries", get(list_recoveries).post(start_recovery))
         .fallback(not_found)
         .with_state(Admin { metrics, dispatcher })
 }
@@ -268,6 +275,55 @@ async fn discard_one(
         return Err(ApiError::NoDeadLetter);
     }
     Ok(Json(json!({ "discarded": n })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverQuery {
+    backend: Option<String>,
+    since: Option<String>,
+}
+
+/// `since` as ms since the epoch: an RFC 3339 time, or a duration before now (`90m`, `1h`, `2d`).
+fn since_ms(since: &str, now_ms: u64) -> Result<u64, ApiError> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(since) {
+        let ms = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        return Ok(u64::try_from(ms).unwrap_or(u64::MAX));
+    }
+    match humantime::parse_duration(since) {
+        Ok(ago) => Ok(now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))),
+        Err(_) => Err(ApiError::BadQuery(format!(
+            "since={since:?}: give an RFC 3339 time (2026-12-02T05:00:00Z) or a duration before now (1h, 90m)"
+        ))),
+    }
+}
+
+/// Starts recovering a backend: `202` with its status once the writes since `since` are queued for it.
+async fn start_recovery(
+    State(admin): State<Admin>,
+    q: Result<Query<RecoverQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let backend = admin
+        .backend(q.backend)?
+        .ok_or_else(|| ApiError::BadQuery("name the backend to recover: ?backend=host:port".to_owned()))?;
+    let since = q.since.ok_or_else(|| {
+        ApiError::BadQuery("say since when: ?since=2026-12-02T05:00:00Z or ?since=1h (a duration before now)".into())
+    })?;
+    let since = since_ms(&since, crate::log::now_ms())?;
+    match admin.dispatcher.recover(&backend, since).await {
+        Ok(status) => Ok((StatusCode::ACCEPTED, Json(status)).into_response()),
+        Err(crate::log::LogError::Busy(why)) => Err(ApiError::Conflict(why)),
+        Err(err) => {
+            tracing::error!(backend, error = %err, "recovery not started");
+            Err(ApiError::StoreUnavailable)
+        }
+    }
+}
+
+async fn list_recoveries(State(admin): State<Admin>) -> Response {
+    let list = admin.dispatcher.recoveries().await;
+    Json(json!({ "count": list.len(), "recoveries": list })).into_response()
 }
 
 /// Counts every answered request by matched route and status, and times it.

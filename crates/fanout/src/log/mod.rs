@@ -8,7 +8,8 @@
 //! the routes.
 //!
 //! # Implementations
-//! - [`redb::RedbLog`]: an embedded redb database (`DATA_DIR/outbox.redb`), durable with group commits.
+//! - [`disk::DiskLog`]: append-only segment files in `DATA_DIR/log/` with group commit ([`segments`]) and an
+//!   in-memory [`index`] rebuilt from them at start; the log is also the history a recovery replays.
 //! - [`memory::MemoryLog`]: plain maps under one lock, for `--no-outbox`: nothing survives the process, and no
 //!   store work is paid for.
 //!
@@ -22,8 +23,10 @@
 //!   that is already finished.
 //! - Reads see every operation sent before them on the same handle.
 
+pub mod disk;
+pub mod index;
 pub mod memory;
-pub mod redb;
+pub mod segments;
 #[cfg(test)]
 mod tests;
 
@@ -51,12 +54,18 @@ pub enum LogError {
         #[source]
         source: Arc<std::io::Error>,
     },
-    /// The embedded database failed (a full disk, an I/O error, a corrupt file).
-    #[error("database: {0}")]
-    Database(#[source] Arc<::redb::Error>),
+    /// The segment files of the disk log failed: an I/O error, a damaged sealed segment, or the log is closed.
+    #[error("segment files: {0}")]
+    Segment(#[source] Arc<segments::SegmentError>),
+    /// A record is not what its place says it must be (a damaged or foreign file).
+    #[error("the write log is inconsistent: {0}")]
+    Corrupt(String),
     /// A stored record does not decode (a file written by an incompatible version, or damaged).
     #[error("a stored record does not decode: {0}")]
     Decode(#[from] postcard::Error),
+    /// The operation cannot run now (the reason says why); try again later.
+    #[error("busy: {0}")]
+    Busy(&'static str),
     /// The log's writer is gone (the process is stopping).
     #[error("the write log is closed")]
     Closed,
@@ -70,7 +79,7 @@ impl LogError {
 }
 
 /// Where one backend's entry for a write ended, as a queue worker reports it to the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Settlement {
     /// The backend answered `2xx`: the entry leaves the queue; the delivery's record keeps its outcome.
     Delivered {
@@ -87,7 +96,7 @@ pub enum Settlement {
 }
 
 /// Which dead letters an admin operation applies to: those of one backend, of one delivery, of both, or all.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadFilter {
     /// The backend, as written in `--backends`.
     pub backend: Option<String>,
@@ -119,7 +128,7 @@ pub trait WriteLog: Send + Sync + 'static {
     fn append(
         &self,
         id: u128,
-        write: &StoredDelivery,
+        write: StoredDelivery,
         key: Option<(&str, &KeyRecord)>,
     ) -> BoxFuture<'static, Result<(), LogError>>;
 
@@ -178,9 +187,62 @@ pub trait WriteLog: Send + Sync + 'static {
     /// records older than `window_ms`.
     fn tick(&self, window_ms: u64, keep_delivered: u64);
 
+    /// What the history holds now: see [`HistoryStats`].
+    fn history(&self) -> HistoryStats;
+
+    /// Recovery of one backend: every write accepted since `since_ms` (ms since the epoch) that the history
+    /// still holds gets an entry in `backend`'s queue at its original acceptance order (unless it has one there
+    /// already; a dead letter of the backend goes back to its queue), durably, so that the backend gets it again with its original
+    /// `Idempotency-Key`. The backend's worker must not be sending while this runs (see
+    /// [`crate::queue::Msg::Recover`]), and must read its queue again afterwards.
+    fn recover(&self, backend: &Arc<str>, since_ms: u64) -> BoxFuture<'static, Result<Recovered, LogError>>;
+
     /// Makes everything recorded so far durable and releases the storage (the file can be opened again); every
     /// later call fails with [`LogError::Closed`].
     fn close(&self) -> BoxFuture<'static, ()>;
+}
+
+/// How much history the log keeps: every accepted write, delivered or not, for `window_ms` and at most
+/// `max_bytes` (the oldest go first); writes still pending or dead-lettered are never dropped for either bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// How long, in milliseconds (`--history-window`).
+    pub window_ms: u64,
+    /// How many bytes at most (`--history-max-bytes`; encoded writes, or segment files on disk).
+    pub max_bytes: u64,
+}
+
+impl HistoryLimits {
+    /// No history at all (tests that do not need it).
+    pub const NONE: HistoryLimits = HistoryLimits { window_ms: 0, max_bytes: 0 };
+}
+
+/// What the history holds, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistoryStats {
+    /// Bytes kept.
+    pub bytes: u64,
+    /// When the oldest write kept was accepted, ms since the epoch (`None`: nothing kept).
+    pub oldest_ms: Option<u64>,
+}
+
+/// What [`WriteLog::recover`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Entries added to the backend's queue (dead letters of the backend included).
+    pub queued: u64,
+    /// Of those, how many were the backend's dead letters.
+    pub from_dead_letters: u64,
+    /// The newest acceptance order the recovery covers (later writes reach the backend as usual).
+    pub upto_seq: Option<u64>,
+    /// The backend's entries pending with an order up to `upto_seq`, after the recovery (what it has left to
+    /// catch up with).
+    pub pending_upto: u64,
+    /// When the oldest write the history held was accepted.
+    pub oldest_ms: Option<u64>,
+    /// The newest acceptance time of the writes the history has dropped (`None`: it never dropped any). A
+    /// recovery since a time at or before it could not bring every write back.
+    pub dropped_upto_ms: Option<u64>,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -5,14 +5,14 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::disk::DiskLog;
 use super::memory::MemoryLog;
-use super::redb::RedbLog;
 use super::*;
 
 /// An implementation under test.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
-    Redb,
+    Disk,
     Memory,
 }
 
@@ -20,17 +20,20 @@ impl Kind {
     /// The durable log in `dir`.
     fn open(self, dir: &Path) -> Arc<dyn WriteLog> {
         match self {
-            Kind::Redb => Arc::new(RedbLog::open(dir).expect("open")),
+            Kind::Disk => Arc::new(DiskLog::open(dir, LIMITS).expect("open")),
             // Nothing survives: the reopen tests are for durable logs only.
             Kind::Memory => unreachable!("the in-memory log has no directory"),
         }
     }
 
-    /// The in-memory log (`--no-outbox`).
+    /// A fresh log (for the disk log, in a new directory).
     fn memory(self) -> Arc<dyn WriteLog> {
         match self {
-            Kind::Redb => Arc::new(RedbLog::in_memory().expect("in memory")),
-            Kind::Memory => Arc::new(MemoryLog::new()),
+            Kind::Disk => {
+                let dir = temp_dir(&format!("memory-{}", uuid::Uuid::now_v7()));
+                Arc::new(DiskLog::open(&dir, LIMITS).expect("open"))
+            }
+            Kind::Memory => Arc::new(MemoryLog::with_history(LIMITS)),
         }
     }
 }
@@ -50,15 +53,20 @@ macro_rules! conformance {
 }
 
 conformance!(
-    redb,
-    super::Kind::Redb,
+    disk,
+    super::Kind::Disk,
     [
         queues_deliveries_and_dead_letters_survive_a_reopen,
+        a_recovery_queues_every_write_since_t_again_in_order,
         at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given,
         only_the_newest_delivered_records_are_kept,
         dead_letters_redrive_and_discard_by_delivery,
     ]
 );
+#[tokio::test]
+async fn disk_recovery_survives_a_reopen() {
+    a_recovery_survives_a_reopen(Kind::Disk).await;
+}
 conformance!(
     memory,
     super::Kind::Memory,
@@ -66,8 +74,12 @@ conformance!(
         at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given,
         only_the_newest_delivered_records_are_kept,
         dead_letters_redrive_and_discard_by_delivery,
+        a_recovery_queues_every_write_since_t_again_in_order,
     ]
 );
+
+/// History kept by the logs under test (the writes under test were accepted in 1970).
+const LIMITS: HistoryLimits = HistoryLimits { window_ms: u64::MAX, max_bytes: 1 << 30 };
 
 fn backend(b: &str) -> DeadFilter {
     DeadFilter { backend: Some(b.to_owned()), id: None }
@@ -111,7 +123,7 @@ async fn queues_deliveries_and_dead_letters_survive_a_reopen(kind: Kind) {
     {
         let outbox = kind.open(&dir);
         for seq in 0..3u64 {
-            outbox.append(u128::from(seq) + 100, &write(seq), None).await.expect("accept");
+            outbox.append(u128::from(seq) + 100, write(seq), None).await.expect("accept");
         }
         assert_eq!(outbox.unfinished(), 3);
         let progress = QueueRow { id: 100, attempts: 4, due_ms: 77, last_status: Some(503), last_outcome: None };
@@ -131,7 +143,7 @@ async fn queues_deliveries_and_dead_letters_survive_a_reopen(kind: Kind) {
         outbox.settle(&label("c:1"), 2, Settlement::Dead(dead)).await;
         // A durable commit after the non-durable ones makes them durable too.
         let key = KeyRecord { delivery_id: 200, body_hash: [1; 32], at_ms: now_ms(), answer: None };
-        outbox.append(200, &write(9), Some(("client-key", &key))).await.expect("accept");
+        outbox.append(200, write(9), Some(("client-key", &key))).await.expect("accept");
         assert_eq!(outbox.unfinished(), 3, "101 finished everywhere, 200 added");
         outbox.close().await;
     }
@@ -177,9 +189,8 @@ async fn queues_deliveries_and_dead_letters_survive_a_reopen(kind: Kind) {
 
 async fn at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given(kind: Kind) {
     let outbox = kind.memory();
-    assert!(!outbox.durable());
     for seq in [4u64, 7] {
-        outbox.append(u128::from(seq), &write(seq), None).await.expect("accept");
+        outbox.append(u128::from(seq), write(seq), None).await.expect("accept");
     }
     // a:1 is now written as a URL: the same backend (found by an attack run: its queue became dead letters).
     let pool = vec!["c:1".to_owned(), "http://a:1".to_owned(), "new:1".to_owned()];
@@ -203,7 +214,7 @@ async fn only_the_newest_delivered_records_are_kept(kind: Kind) {
     let outbox = kind.memory();
     let ids: Vec<u128> = (0..4u64).map(|_| uuid::Uuid::now_v7().as_u128()).collect();
     for (seq, id) in ids.iter().enumerate() {
-        outbox.append(*id, &write(seq as u64), None).await.expect("accept");
+        outbox.append(*id, write(seq as u64), None).await.expect("accept");
         for (i, b) in POOL.iter().enumerate() {
             let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
             outbox.settle(&label(b), seq as u64, Settlement::Delivered { id: *id, row }).await;
@@ -219,7 +230,7 @@ async fn only_the_newest_delivered_records_are_kept(kind: Kind) {
     // Found by an attack run: a delivery still pending somewhere lost its delivered backends from its view
     // once their records were trimmed.
     let pending = uuid::Uuid::now_v7().as_u128();
-    outbox.append(pending, &write(10), None).await.expect("accept");
+    outbox.append(pending, write(10), None).await.expect("accept");
     for (i, b) in POOL.iter().enumerate().take(2) {
         let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
         outbox.settle(&label(b), 10, Settlement::Delivered { id: pending, row }).await;
@@ -233,8 +244,8 @@ async fn only_the_newest_delivered_records_are_kept(kind: Kind) {
 
 #[test]
 fn an_unwritable_directory_is_refused() {
-    let err = RedbLog::open(Path::new("/proc/fanout-cannot-write-here")).err().expect("refused");
-    assert!(matches!(err, LogError::Io { .. }), "{err}");
+    let err = DiskLog::open(Path::new("/proc/fanout-cannot-write-here"), LIMITS).err().expect("refused");
+    assert!(matches!(err, LogError::Segment(_)), "{err}");
     assert!(err.to_string().contains("/proc/fanout-cannot-write-here"), "{err}");
 }
 
@@ -250,7 +261,7 @@ fn a_uuid_v7_carries_its_time() {
 async fn dead_letters_redrive_and_discard_by_delivery(kind: Kind) {
     let log = kind.memory();
     for seq in 0..3u64 {
-        log.append(u128::from(seq) + 100, &write(seq), None).await.expect("append");
+        log.append(u128::from(seq) + 100, write(seq), None).await.expect("append");
     }
     let dead = |id: u128, reason: &str| DeadRow {
         id,
@@ -284,3 +295,129 @@ async fn dead_letters_redrive_and_discard_by_delivery(kind: Kind) {
     assert!(view.backends.iter().all(|b| b.state == BackendState::Refused && b.status == Some(400)), "{view:?}");
     assert!(log.drop_refused(102).await.is_empty(), "not refused anywhere");
 }
+
+/// Appends writes 0..n (ids 100 + seq) and delivers them on every backend of the pool.
+async fn delivered_everywhere(log: &dyn WriteLog, n: u64) {
+    for seq in 0..n {
+        let mut w = write(seq);
+        w.accepted_at_ms = 1_000 + seq;
+        log.append(u128::from(seq) + 100, w, None).await.expect("append");
+        for (i, b) in POOL.iter().enumerate() {
+            let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+            log.settle(&label(b), seq, Settlement::Delivered { id: u128::from(seq) + 100, row }).await;
+        }
+    }
+}
+
+/// Item 3 of the delivery-core issue: a backend that lost its state gets every write accepted since T again,
+/// in acceptance order, with its original request (and so its original `Idempotency-Key`); writes it still has
+/// pending are not queued twice; the other backends are untouched.
+async fn a_recovery_queues_every_write_since_t_again_in_order(kind: Kind) {
+    let log = kind.memory();
+    delivered_everywhere(&*log, 6).await;
+    assert_eq!(log.unfinished(), 0);
+    // One more, still pending everywhere.
+    let mut w = write(6);
+    w.accepted_at_ms = 1_006;
+    log.append(106, w, None).await.expect("append");
+    let recovered = log.recover(&label("b:1"), 1_002).await.expect("recover");
+    assert_eq!(recovered.queued, 4, "writes 2..5 again; 6 is pending already: {recovered:?}");
+    assert_eq!(recovered.upto_seq, Some(6));
+    assert_eq!(recovered.pending_upto, 5);
+    assert_eq!(seqs(&*log, "b:1").await, [2, 3, 4, 5, 6]);
+    assert_eq!(seqs(&*log, "a:1").await, [6], "other backends untouched");
+    let loaded = log.pending(&label("b:1"), HashSet::new(), 1).await.expect("pending");
+    let mut original = write(2);
+    original.accepted_at_ms = 1_002;
+    assert_eq!(loaded[0].delivery, original, "the original request, headers included");
+    assert_eq!(log.unfinished(), 5);
+    let view = log.view(102).await.expect("view").expect("held again");
+    let states: Vec<_> = view.backends.iter().map(|b| b.state).collect();
+    assert_eq!(states, [BackendState::Delivered, BackendState::Pending, BackendState::Delivered]);
+    for seq in 2..6u64 {
+        let row = DeliveredRow { attempts: 1, status: 201, position: 1 };
+        log.settle(&label("b:1"), seq, Settlement::Delivered { id: u128::from(seq) + 100, row }).await;
+    }
+    assert_eq!(log.unfinished(), 1, "only the write pending everywhere");
+    // Asked again: nothing is queued twice.
+    let again = log.recover(&label("b:1"), 0).await.expect("recover");
+    assert_eq!(again.queued, 6, "0..5 again (6 is pending)");
+    assert_eq!(seqs(&*log, "b:1").await, [0, 1, 2, 3, 4, 5, 6]);
+}
+
+/// A recovery is recorded: a restart in the middle of one resumes it.
+async fn a_recovery_survives_a_reopen(kind: Kind) {
+    let dir = temp_dir("recover-reopen");
+    {
+        let log = kind.open(&dir);
+        delivered_everywhere(&*log, 4).await;
+        let recovered = log.recover(&label("c:1"), 0).await.expect("recover");
+        assert_eq!(recovered.queued, 4);
+        let row = DeliveredRow { attempts: 1, status: 201, position: 2 };
+        log.settle(&label("c:1"), 0, Settlement::Delivered { id: 100, row }).await;
+        log.flush().await.expect("flush");
+        log.close().await;
+    }
+    let log = kind.open(&dir);
+    let start = log.startup(pool()).await.expect("startup");
+    assert_eq!(start.backends["c:1"].pending, 3);
+    assert_eq!(start.max_seq, Some(3), "new writes go after the newest stored, finished or not");
+    assert_eq!(seqs(&*log, "c:1").await, [1, 2, 3]);
+    log.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Past `--history-max-bytes` the oldest finished writes go, a whole segment at a time; a pending write is
+/// never dropped (nor anything after it); idempotency records survive the segments they were in.
+#[tokio::test]
+async fn disk_history_is_bounded_and_never_drops_a_pending_write() {
+    let dir = temp_dir("history-bound");
+    let limits = HistoryLimits { window_ms: 3_600_000, max_bytes: 256 * 1024 };
+    let log = DiskLog::open(&dir, limits).expect("open");
+    let key = KeyRecord { delivery_id: 100, body_hash: [7; 32], at_ms: now_ms(), answer: None };
+    // Write 0 stays pending on a:1; everything else is delivered everywhere.
+    log.append(100, write(0), Some(("client-key", &key))).await.expect("append");
+    for b in ["b:1", "c:1"] {
+        let row = DeliveredRow { attempts: 1, status: 201, position: 0 };
+        log.settle(&label(b), 0, Settlement::Delivered { id: 100, row }).await;
+    }
+    let body = "x".repeat(400);
+    for seq in 1..3000u64 {
+        let mut w = write(seq);
+        w.body = format!("username=u{seq}&password={body}").into_bytes();
+        log.append(u128::from(seq) + 100, w, None).await.expect("append");
+        for (i, b) in POOL.iter().enumerate() {
+            let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+            log.settle(&label(b), seq, Settlement::Delivered { id: u128::from(seq) + 100, row }).await;
+        }
+    }
+    log.flush().await.expect("flush");
+    let full = log.history().bytes;
+    assert!(full > 1024 * 1024, "{full} bytes written");
+    log.tick(3_600_000, 100);
+    tokio::task::yield_now().await;
+    assert_eq!(log.history().bytes, full, "the pending write pins the oldest segment, and all after it");
+
+    let row = DeliveredRow { attempts: 1, status: 201, position: 0 };
+    log.settle(&label("a:1"), 0, Settlement::Delivered { id: 100, row }).await;
+    log.tick(3_600_000, 100);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.history().bytes > limits.max_bytes + SEGMENT_BYTES_UNDER_TEST {
+        assert!(tokio::time::Instant::now() < deadline, "history not trimmed: {} bytes", log.history().bytes);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let kept = log.history();
+    assert!(kept.oldest_ms.is_some());
+    log.flush().await.expect("flush");
+    log.close().await;
+    let log = DiskLog::open(&dir, limits).expect("reopen");
+    let keys = log.idempotency_keys(3_600_000, now_ms()).await.expect("keys");
+    assert_eq!(keys.len(), 1, "the key outlived its segment");
+    let start = log.startup(pool()).await.expect("startup");
+    assert_eq!(start.max_seq, Some(2999));
+    log.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The segment size the disk log picks for the bound above (an eighth, at least 64 KiB).
+const SEGMENT_BYTES_UNDER_TEST: u64 = 64 * 1024;

@@ -39,6 +39,29 @@ pub async fn replica(settings: Settings) -> Replica {
     Replica { backend, addr, _stop: tx }
 }
 
+/// Stops `replica` and starts a fresh one on the same address: a backend that restarted and lost its state
+/// (the demo backend keeps users in memory).
+pub async fn restart(replica: Replica, settings: Settings) -> Replica {
+    let addr = replica.addr;
+    drop(replica);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "cannot bind {addr} again: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let backend = DemoBackend::new(settings);
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(demo_backend::run(backend.clone(), listener, async move {
+        let _ = rx.await;
+    }));
+    Replica { backend, addr, _stop: tx }
+}
+
 pub async fn replicas(n: usize) -> Vec<Replica> {
     let mut out = Vec::new();
     for i in 1..=n {
