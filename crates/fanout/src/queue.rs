@@ -847,13 +847,11 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    //! The worker on tokio's paused clock, with a scripted transport instead of HTTP and the in-memory store:
-    //! schedules are exact and an hour takes milliseconds.
+    //! The worker on tokio's paused clock, with a scripted transport instead of HTTP and the in-memory write log
+    //! (no thread: every call is done when it returns): schedules are exact and an hour takes milliseconds.
     //!
-    //! The store's writer is a real thread. While the runtime waits for it, a paused clock would jump from timer
-    //! to timer (every worker has a 1 s gauge tick), so each test stores its writes on the real clock first and
-    //! pauses the clock ([`tokio::time::pause`]) once they are in: from then on the workers never wait for the
-    //! store on the paths measured.
+    //! Each test lets its writes in on the real clock and pauses the clock ([`tokio::time::pause`]) once the
+    //! first attempts are seen, so that what is measured starts from a known point.
 
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -968,12 +966,8 @@ mod tests {
         tokio::time::pause();
     }
 
-    /// Waits (on the paused clock) for the clients' answers, then until nothing is unfinished, at most `within`.
-    ///
-    /// The count of unfinished deliveries moves when the store's (real) writer thread commits, so each step
-    /// blocks this thread for a real millisecond, letting the writer run without the paused clock racing ahead,
-    /// then lets 10 ms of paused time pass for the schedules.
-    #[expect(clippy::disallowed_methods, reason = "a real pause for the store's thread, on purpose")]
+    /// Waits (on the paused clock) for the clients' answers, then until nothing is unfinished, at most `within`,
+    /// in steps of 10 ms of paused time.
     async fn finished(d: &Dispatcher, submitted: Vec<crate::delivery::Submitted>, within: Duration) {
         for s in submitted {
             s.reply.await.expect("answered");
@@ -983,7 +977,6 @@ mod tests {
             if d.unfinished() == 0 {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(1));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("{} deliveries unfinished after {within:?} of paused time", d.unfinished());

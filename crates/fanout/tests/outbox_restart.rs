@@ -93,6 +93,27 @@ fn an_unwritable_data_dir_stops_fanout_at_start_with_one_line() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
+/// The store of earlier versions (`outbox.redb`) is not read any more: rather than start beside it and leave
+/// what it holds undelivered without a word, fanout refuses to start and says what to do.
+#[test]
+fn an_outbox_file_of_an_earlier_version_stops_fanout_at_start_with_one_line() {
+    let dir = common::temp_dir("old-outbox");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("outbox.redb"), b"an earlier version's store").expect("write");
+    let out = std::process::Command::new(procs::fanout_bin())
+        .env_clear()
+        .args(["--listen", "127.0.0.1:0", "--metrics-port", "0", "--backends", "a:1", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("holds outbox.redb from an earlier version"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(!dir.join("log").exists(), "nothing was created beside it");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A client that repeats a keyed write after fanout restarted still gets the original answer: the key's record
 /// is stored with the write and reloaded at start.
 #[tokio::test]

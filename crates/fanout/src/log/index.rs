@@ -58,7 +58,8 @@ pub struct Index {
     finished_rows: u64,
     keys: HashMap<String, KeyRecord>,
     labels: HashMap<String, Arc<str>>,
-    pools: HashSet<Arc<[Arc<str>]>>,
+    /// The pools writes were accepted for (one per start-up with a different `--backends`, a handful).
+    pools: Vec<Arc<[Arc<str>]>>,
     paths: HashSet<Arc<str>>,
 }
 
@@ -87,11 +88,13 @@ impl Index {
     }
 
     fn pool(&mut self, backends: &[String]) -> Arc<[Arc<str>]> {
-        let pool: Arc<[Arc<str>]> = backends.iter().map(|b| self.label(b)).collect();
-        if let Some(p) = self.pools.get(&pool) {
+        // Almost always the one pool of this run: found without building a key.
+        let same = |p: &Arc<[Arc<str>]>| p.len() == backends.len() && p.iter().zip(backends).all(|(a, b)| **a == **b);
+        if let Some(p) = self.pools.iter().find(|p| same(p)) {
             return p.clone();
         }
-        self.pools.insert(pool.clone());
+        let pool: Arc<[Arc<str>]> = backends.iter().map(|b| self.label(b)).collect();
+        self.pools.push(pool.clone());
         pool
     }
 

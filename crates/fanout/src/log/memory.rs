@@ -6,7 +6,7 @@
 //! resolved, so a write costs no hand-off to another thread. Memory is bounded by the dispatcher (without an
 //! outbox, deliveries not finished everywhere are at most `--max-in-flight`), by `--delivery-history` for the
 //! finished outcomes kept, and by the [`HistoryLimits`] for the history of accepted writes that a recovery
-//! replays (here in memory, so size `--history-max-bytes` for that).
+//! replays (kept encoded, in memory: `--history-max-bytes` is capped at 64 MiB in this mode; 0 keeps none).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,11 +20,19 @@ use super::{
 };
 use crate::replay::KeyRecord;
 
-/// One accepted write kept for recoveries, with what it counts against `--history-max-bytes`.
+/// One accepted write kept for recoveries: encoded (postcard), so that what it counts against
+/// `--history-max-bytes` is what it takes (a decoded request is several times larger, in many allocations).
 struct Kept {
     id: u128,
-    write: Arc<StoredDelivery>,
-    bytes: u64,
+    accepted_at_ms: u64,
+    encoded: Box<[u8]>,
+}
+
+impl Kept {
+    /// What it counts against the bound: its bytes plus the entry itself.
+    fn bytes(&self) -> u64 {
+        (self.encoded.len() + std::mem::size_of::<Kept>()) as u64
+    }
 }
 
 #[derive(Default)]
@@ -65,21 +73,15 @@ impl State {
     /// Drops the oldest writes past the limits.
     fn bound(&mut self, limits: HistoryLimits, now: u64) {
         while let Some(oldest) = self.history.front() {
-            let expired = now.saturating_sub(oldest.write.accepted_at_ms) > limits.window_ms;
+            let expired = now.saturating_sub(oldest.accepted_at_ms) > limits.window_ms;
             if !expired && self.history_bytes <= limits.max_bytes {
                 break;
             }
-            self.history_bytes -= oldest.bytes;
-            self.dropped_upto_ms = self.dropped_upto_ms.max(Some(oldest.write.accepted_at_ms));
+            self.history_bytes -= oldest.bytes();
+            self.dropped_upto_ms = self.dropped_upto_ms.max(Some(oldest.accepted_at_ms));
             self.history.pop_front();
         }
     }
-}
-
-/// What a write counts against the history's bytes: its body, headers and route, plus a fixed overhead.
-fn size(write: &StoredDelivery) -> u64 {
-    let headers: usize = write.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-    (write.body.len() + headers + write.path_and_query.len() + 64) as u64
 }
 
 impl WriteLog for MemoryLog {
@@ -112,10 +114,12 @@ impl WriteLog for MemoryLog {
             return Box::pin(ready(Err(LogError::Closed)));
         }
         state.index.append(id, &write, Body::Memory(write.clone()), key);
-        if let Some(limits) = self.limits {
-            let bytes = size(&write);
-            state.history_bytes += bytes;
-            state.history.push_back(Kept { id, write, bytes });
+        if let Some(limits) = self.limits.filter(|l| l.max_bytes > 0)
+            && let Ok(encoded) = postcard::to_allocvec(&*write)
+        {
+            let kept = Kept { id, accepted_at_ms: write.accepted_at_ms, encoded: encoded.into_boxed_slice() };
+            state.history_bytes += kept.bytes();
+            state.history.push_back(kept);
             state.bound(limits, now_ms());
         }
         Box::pin(ready(Ok(())))
@@ -199,18 +203,21 @@ impl WriteLog for MemoryLog {
 
     fn history(&self) -> HistoryStats {
         let state = self.state();
-        HistoryStats { bytes: state.history_bytes, oldest_ms: state.history.front().map(|k| k.write.accepted_at_ms) }
+        HistoryStats { bytes: state.history_bytes, oldest_ms: state.history.front().map(|k| k.accepted_at_ms) }
     }
 
     fn recover(&self, backend: &Arc<str>, since_ms: u64) -> BoxFuture<'static, Result<Recovered, LogError>> {
         let mut state = self.state();
-        let oldest_ms = state.history.front().map(|k| k.write.accepted_at_ms);
-        let mut writes: Vec<(u128, StoredDelivery, Body)> = state
-            .history
-            .iter()
-            .filter(|k| k.write.accepted_at_ms >= since_ms)
-            .map(|k| (k.id, (*k.write).clone(), Body::Memory(k.write.clone())))
-            .collect();
+        let oldest_ms = state.history.front().map(|k| k.accepted_at_ms);
+        let mut writes = Vec::new();
+        for k in state.history.iter().filter(|k| k.accepted_at_ms >= since_ms) {
+            let write: StoredDelivery = match postcard::from_bytes(&k.encoded) {
+                Ok(w) => w,
+                Err(e) => return Box::pin(ready(Err(LogError::from(e)))),
+            };
+            let body = Body::Memory(Arc::new(write.clone()));
+            writes.push((k.id, write, body));
+        }
         writes.sort_by_key(|(_, w, _)| w.seq);
         let upto_seq = writes.last().map(|(_, w, _)| w.seq);
         let (queued, from_dead_letters) = state.index.recover(backend, writes);
