@@ -1,4 +1,4 @@
-//! The circuit breaker of one backend (issue "backend health and retry discipline"), as a pure state machine
+//! The circuit breaker of one backend (README "Backend health"), as a pure state machine
 //! driven by the backend's queue worker with tokio's clock.
 //!
 //! - **Closed**: the queue drains normally. Every transient failure (docs/design.md section 4: no connection, a

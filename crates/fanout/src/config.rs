@@ -152,7 +152,7 @@ pub struct Config {
     pub retry_budget_min_per_sec: u32,
 
     /// How long every accepted write is kept in the write log, delivered or not, so that a backend can be
-    /// recovered (`POST /backends/{backend}/recover` on the admin port): at most 30 days.
+    /// recovered (`POST /recoveries?backend=B&since=T` on the admin port): at most 30 days.
     #[arg(long, allow_hyphen_values = true, env = "HISTORY_WINDOW", default_value = "24h", value_parser = parse_duration)]
     pub history_window: Duration,
 

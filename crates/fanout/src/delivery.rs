@@ -62,15 +62,7 @@ impl Summary {
         } else {
             "failed"
         };
-        Summary {
-            delivery_id: id,
-            state,
-            accepted_at: humantime::format_rfc3339_millis(
-                std::time::UNIX_EPOCH + Duration::from_millis(view.accepted_at_ms),
-            )
-            .to_string(),
-            backends,
-        }
+        Summary { delivery_id: id, state, accepted_at: crate::log::rfc3339_ms(view.accepted_at_ms), backends }
     }
 }
 
@@ -209,8 +201,7 @@ impl Events for Shared {
 
 impl Shared {
     fn waiting(&self) -> MutexGuard<'_, HashMap<u128, Waiter>> {
-        // Every critical section leaves the map consistent, so a poisoned lock is still usable.
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.waiting)
     }
 
     /// Sends `msg` to the worker of backend `label`, if it is in the pool.

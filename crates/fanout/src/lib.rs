@@ -227,6 +227,12 @@ pub async fn run(
     Ok(())
 }
 
+/// Locks `mutex`, poisoned or not: every critical section of this crate leaves its data consistent (no code
+/// panics halfway through an update), so the data behind a poisoned lock is still good.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Resolves once the watch channel says stop (or its sender is gone).
 async fn signalled(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;

@@ -1,10 +1,10 @@
 //! One backend's queue worker: it pulls due entries from the backend's queue and sends them, at most
 //! `--backend-concurrency` at a time, with per-user order, the retry schedule, the circuit breaker and the retry
-//! budget (issues "no lost, duplicated or reordered writes" and "backend health and retry discipline").
+//! budget (README "Backend health"; docs/write-log.md sections 2 and 5).
 //!
 //! # Entries are data, not tasks
-//! A queue entry is a row in the outbox (`queue` table) and, while it is among the oldest [`WINDOW`] entries of
-//! its backend, a small struct in this worker's memory with its write. Nothing sleeps per entry: the worker keeps
+//! A queue entry is an entry of the write log's index (its write in the log) and, while it is among the oldest
+//! [`WINDOW`] entries of its backend, a small struct in this worker's memory with its write. Nothing sleeps per entry: the worker keeps
 //! the entries that may go now in a set ordered by due time and sleeps until the earliest. Past the window,
 //! entries stay on disk only ("spilled") and are read back oldest first as room frees up, so that memory is
 //! bounded by the window whatever the number of pending writes, and a dead backend costs disk.
@@ -266,6 +266,10 @@ pub struct Worker {
     load: Option<BoxFuture<'static, Result<Vec<Loaded>, LogError>>>,
     /// How many entries the read on its way asked for.
     load_asked: usize,
+    /// The bound of the read on its way (see `start_load`).
+    load_below: Option<u64>,
+    /// A bounded read came back with all there was below this bound: no other read until the bound moves.
+    load_exhausted_below: Option<u64>,
     /// Entries finished while a read was on its way (the read may still return them).
     finished_during_load: HashSet<u64>,
     load_retry_at: Option<Instant>,
@@ -316,6 +320,8 @@ impl Worker {
             spilled_during_load: false,
             load: None,
             load_asked: 0,
+            load_below: None,
+            load_exhausted_below: None,
             finished_during_load: HashSet::new(),
             load_retry_at: None,
             breaker: Breaker::new(settings.breaker_failures, backoff),
@@ -633,7 +639,13 @@ impl Worker {
 
     /// Reads entries back from disk when some may be there and there is room.
     fn start_load(&mut self, now: Instant) {
-        if !self.spilled || self.load.is_some() || !self.unstored_spilled.is_empty() {
+        if !self.spilled || self.load.is_some() {
+            return;
+        }
+        // Entries accepted but not stored yet are not in the log yet: read only what comes before the oldest of
+        // them (everything older is stored), so that a steady stream of new writes never holds the read back.
+        let below = self.unstored_spilled.iter().min().copied();
+        if below.is_some() && below == self.load_exhausted_below {
             return;
         }
         if self.load_retry_at.is_some_and(|at| at > now) {
@@ -649,7 +661,8 @@ impl Worker {
         self.spilled_during_load = false;
         self.finished_during_load.clear();
         self.load_asked = room;
-        self.load = Some(self.log.pending(&self.label, skip, room));
+        self.load_below = below;
+        self.load = Some(self.log.pending(&self.label, skip, room, below));
     }
 
     fn loaded(&mut self, result: Result<Vec<Loaded>, LogError>) {
@@ -661,8 +674,11 @@ impl Worker {
                 return;
             }
         };
-        // Fewer rows than asked for, and nothing spilled meanwhile: everything on disk is in memory now.
-        let complete = rows.len() < self.load_asked && !self.spilled_during_load;
+        // Fewer rows than asked for, nothing spilled meanwhile and no bound: everything on disk is in memory now.
+        // With a bound, only what is below it: read again once the oldest unstored entry is stored.
+        let short = rows.len() < self.load_asked && !self.spilled_during_load;
+        let complete = short && self.load_below.is_none();
+        self.load_exhausted_below = if short { self.load_below } else { None };
         let now = Instant::now();
         let wall = now_ms();
         for Loaded { seq, row, delivery } in rows {
@@ -670,7 +686,20 @@ impl Worker {
                 continue;
             }
             let Some(request) = delivery.to_request() else {
-                tracing::error!(backend = %self.addr, seq, "a stored write does not decode to a request; skipped");
+                // Not valid HTTP any more (a stored method or header): it can never be sent. A dead letter, so
+                // that it is seen, can be deleted, and does not hold its place (and the history) for good.
+                tracing::error!(backend = %self.addr, seq, "a stored write is not a valid request: a dead letter");
+                let row = DeadRow {
+                    id: row.id,
+                    attempts: row.attempts,
+                    reason: "undecodable".to_owned(),
+                    last_status: row.last_status,
+                    last_outcome: row.last_outcome,
+                    at_ms: wall,
+                };
+                tokio::spawn(self.log.settle(&self.label, seq, Settlement::Dead(row)));
+                self.pending = self.pending.saturating_sub(1);
+                self.dead += 1;
                 continue;
             };
             let key = delivery.ordering_key.as_deref().map(Arc::from);
@@ -1028,7 +1057,7 @@ mod tests {
         );
     }
 
-    /// The issue's hour-long outage, on the paused clock: 10 000 writes (100 users x 100 each) wait for a dead
+    /// An hour-long outage, on the paused clock: 10 000 writes (100 users x 100 each) wait for a dead
     /// backend; it gets the breaker's probes only; once back, the queue (most of it read back from the store,
     /// past the window) drains with every user's writes in order, each delivered once.
     #[tokio::test]
@@ -1116,5 +1145,43 @@ mod tests {
         assert!(deferred > 0.0, "retries were deferred");
         // Nothing is dropped: given time, every write is delivered.
         finished(&d, submitted, Duration::from_secs(3600)).await;
+    }
+
+    /// Found by a review: a stored write that is no longer a valid request (say a method this version cannot
+    /// parse) was skipped at every read and stayed pending for good, pinning the history. It becomes a dead
+    /// letter (`undecodable`), which can be listed and deleted.
+    #[tokio::test]
+    async fn a_stored_write_that_is_not_a_request_becomes_a_dead_letter() {
+        let log: Arc<dyn WriteLog> = Arc::new(MemoryLog::new());
+        let bad = crate::log::StoredDelivery {
+            seq: 0,
+            accepted_at_ms: 1,
+            method: "NOT A METHOD".into(),
+            path_and_query: "/register".into(),
+            headers: Vec::new(),
+            body: b"username=ann&password=x".to_vec(),
+            ordering_key: Some("ann".into()),
+            backends: vec!["b1:80".into()],
+        };
+        log.append(7, bad, None).await.expect("append");
+        let startup = log.startup(vec!["b1:80".into()]).await.expect("startup");
+        let script = Script::new(|_, _, _| Outcome::Success);
+        let replays = Replays::new(Duration::from_secs(60), Vec::new(), 0);
+        let transport: Arc<dyn Transport> = script.clone();
+        let settings = settings(1, NO_BREAKER);
+        let _d = Dispatcher::with_transport(settings, Metrics::new(), log.clone(), replays, &startup, transport);
+        let filter = crate::log::DeadFilter::default();
+        let deadline = std::time::Duration::from_secs(10);
+        let found = tokio::time::timeout(deadline, async {
+            loop {
+                let dead = log.dead_letters(filter.clone(), 10).await.expect("list");
+                if let Some(d) = dead.first() {
+                    return d.reason.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        assert_eq!(found.await.expect("a dead letter within 10 s"), "undecodable");
+        assert!(script.seen().is_empty(), "nothing was sent");
     }
 }

@@ -1,4 +1,4 @@
-//! Backend health and retry discipline over real HTTP (issue "backend health and retry discipline"): the circuit
+//! Backend health and retry discipline over real HTTP (README "Backend health"): the circuit
 //! breaker during an outage, dead letters and their redrive on the admin port, and the retry budget. Replicas
 //! and fanout run in this process on `127.0.0.1:0`; attempts are counted at the replicas.
 

@@ -1,5 +1,5 @@
 //! Integration tests of the fanout service over real HTTP: a real fanout router and three real demo replicas, each
-//! on its own `127.0.0.1:0` listener (docs/design.md sections 3-7; issue "the stack runs end to end", Tests).
+//! on its own `127.0.0.1:0` listener (docs/design.md sections 3-7).
 
 mod common;
 

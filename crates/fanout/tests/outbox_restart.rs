@@ -1,5 +1,5 @@
 //! The durable outbox across a crash: real `fanout` and `demo-backend` processes, a real outbox file, and
-//! `kill -9` (issue "no lost, duplicated or reordered writes").
+//! `kill -9` (docs/write-log.md section 4).
 
 mod common;
 

@@ -1,7 +1,7 @@
-//! Recovering a backend that lost its state, over real HTTP (issue "the delivery core, rebuilt around one write
-//! log", item 3): three demo replicas and fanout in this process on `127.0.0.1:0`; one replica is restarted
-//! empty, then recovered from fanout's history with `POST /recoveries` on the admin port. What is asserted does
-//! not depend on this machine's speed: the replicas' final state, compared user by user.
+//! Recovering a backend that lost its state, over real HTTP (docs/write-log.md section 5): three demo replicas
+//! and fanout in this process on `127.0.0.1:0`; one replica is restarted empty, then recovered from fanout's
+//! history with `POST /recoveries` on the admin port. What is asserted does not depend on this machine's speed:
+//! the replicas' final state, compared user by user.
 
 mod common;
 
@@ -81,7 +81,7 @@ async fn recovery_done(lb: &Fanout) {
     drained(lb).await;
 }
 
-/// The issue's first recovery test: 500 users with register + changePassword; one backend restarts empty;
+/// 500 users with register + changePassword; one backend restarts empty;
 /// recovered since the start it holds exactly what the others hold, and applied nothing twice (every user at
 /// version 2, as on the others).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +114,7 @@ async fn a_backend_that_lost_its_state_is_recovered_from_the_history() {
     lb.stop().await;
 }
 
-/// The issue's second recovery test: the same while new writes keep arriving, including password changes of the
+/// The same while new writes keep arriving, including password changes of the
 /// users being recovered. On the recovering backend a user's new write never overtakes its recovered ones, so
 /// each user's last password wins everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

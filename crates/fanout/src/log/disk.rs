@@ -10,8 +10,13 @@
 //!   answer given under an idempotency key are appended lazily: they are written with the next durable append
 //!   (under load, within the moment) or by the service's one-second tick. After a crash, what may be missing is
 //!   a suffix of those, so an entry may be attempted again, which the `Idempotency-Key` makes harmless;
-//! - redrives, discards, recoveries and the start-up's moves are appended with `Now` *before* they are applied,
-//!   so that an operator who was told "done" finds it done after a crash.
+//! - redrives, discards, recoveries and the start-up's moves are appended with `Now`, and their caller is
+//!   answered only once they are on disk, so that an operator who was told "done" finds it done after a crash.
+//!
+//! Every record is queued for the segment writer under the same lock as the index change it describes, so the
+//! file holds the changes in the order they were applied, and a replay applies them in that order again.
+//! Records that may be long (a recovery's writes, a redrive's or a discard's rows, the idempotency records of a
+//! checkpoint) are split into several frames of bounded size.
 //!
 //! So a write costs one record and one share of a group fsync to accept, and one small lazy record per backend
 //! to finish: no per-backend rows, no copy-on-write pages, no transaction. The body lives only in its record:
@@ -24,12 +29,17 @@
 //! tick) while they hold no write still held (pending or a dead letter somewhere) and either every write in them
 //! is older than the history window or the log is over its byte bound. Before deleting, a
 //! [`Record::Checkpoint`] carries forward what the deleted records still meant (the client idempotency records
-//! and the highest acceptance order), so that a restart finds them.
+//! and the highest acceptance order), so that a restart finds them. A recovery pins the segments it is reading
+//! until the writes it found are held again (and so pin their own segments).
+//!
+//! # Dependency
+//! Records are encoded with postcard (already the project's compact binary encoding): `serde` derives, no
+//! schema to maintain by hand, varint integers; a record is a few tens of bytes plus the write's own bytes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, ready};
 use serde::{Deserialize, Serialize};
@@ -40,10 +50,17 @@ use super::{
     DeadFilter, DeadLetter, DeliveryView, HistoryLimits, HistoryStats, Loaded, LogError, Recovered, Settlement,
     Startup, StoredDelivery, WriteLog, now_ms,
 };
+use crate::lock;
 use crate::replay::KeyRecord;
 
 /// Largest segment file; smaller when the history bound is small, so that retention has segments to drop.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Rows (backend and order, or id and position) per record at most, so that a record stays far below a frame's
+/// limit (tens of bytes each).
+const ROWS_PER_RECORD: usize = 16 * 1024;
+/// Idempotency records per checkpoint record at most (each may carry an answer of up to 64 KiB).
+const KEYS_PER_RECORD: usize = 64;
 
 /// One operation, as stored. See the module doc for when each is made durable.
 #[derive(Debug, Serialize, Deserialize)]
@@ -142,6 +159,8 @@ struct State {
     max_seq: Option<u64>,
     /// The newest acceptance time of the writes dropped from the history.
     dropped_upto_ms: Option<u64>,
+    /// Recoveries reading the history now, and the oldest segment each reads: retention keeps those.
+    recovering_from: Vec<u64>,
 }
 
 impl State {
@@ -153,13 +172,16 @@ impl State {
         self.max_seq = self.max_seq.max(Some(write.seq));
     }
 
+    /// An accepted write is in the log at `at`: into the index.
+    fn append(&mut self, at: Position, id: u128, write: &StoredDelivery, key: Option<&(String, KeyRecord)>) {
+        self.saw_write(at, write);
+        self.index.append(id, write, Body::Disk(at), key.map(|(k, r)| (k.as_str(), r)));
+    }
+
     /// Applies one record, at `at`, during replay.
     fn replay(&mut self, segments: &Segments, at: Position, record: Record) -> Result<(), LogError> {
         match record {
-            Record::Append { id, write, key } => {
-                self.saw_write(at, &write);
-                self.index.append(id, &write, Body::Disk(at), key.as_ref().map(|(k, r)| (k.as_str(), r)));
-            }
+            Record::Append { id, write, key } => self.append(at, id, &write, key.as_ref()),
             Record::Settle { backend, seq, settlement } => {
                 self.index.settle(&backend, seq, settlement);
             }
@@ -174,13 +196,18 @@ impl State {
             }
             Record::Answer { key, record } => self.index.answer(&key, record),
             Record::Startup { pool, at_ms } => {
-                self.index.startup(&pool, at_ms);
+                self.index.startup(&pool, at_ms, true);
             }
             Record::Recover { backend, writes } => {
                 let mut found = Vec::with_capacity(writes.len());
                 for (_, pos) in writes {
-                    let (id, write) = read_write(segments, pos)?;
-                    found.push((id, write, Body::Disk(pos)));
+                    match read_write(segments, pos) {
+                        Ok((id, write)) => found.push((id, write, Body::Disk(pos))),
+                        // Its segment was dropped, which retention only does once no write in it is held: this
+                        // one was delivered after the recovery, and there is nothing left to do for it.
+                        Err(LogError::Segment(e)) if matches!(*e, SegmentError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 self.index.recover(&backend, found);
             }
@@ -203,11 +230,6 @@ pub struct DiskLog {
     retaining: Arc<AtomicBool>,
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // Every critical section leaves the state consistent, so a poisoned lock is still usable.
-    state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl DiskLog {
     /// Opens (or creates) the log in `dir` and replays it.
     ///
@@ -217,7 +239,13 @@ impl DiskLog {
     pub fn open(dir: &Path, limits: HistoryLimits) -> Result<Self, LogError> {
         let segment_bytes = (limits.max_bytes / 8).clamp(64 * 1024, SEGMENT_BYTES);
         let segments = Segments::open(SegmentsConfig { dir: dir.to_owned(), segment_bytes })?;
-        let mut state = State { index: Index::default(), times: BTreeMap::new(), max_seq: None, dropped_upto_ms: None };
+        let mut state = State {
+            index: Index::default(),
+            times: BTreeMap::new(),
+            max_seq: None,
+            dropped_upto_ms: None,
+            recovering_from: Vec::new(),
+        };
         for item in segments.replay() {
             let (at, bytes) = item?;
             state.replay(&segments, at, decode(&bytes)?)?;
@@ -225,16 +253,50 @@ impl DiskLog {
         Ok(Self { segments, state: Arc::new(Mutex::new(state)), limits, retaining: Arc::new(AtomicBool::new(false)) })
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
         lock(&self.state)
     }
 
-    /// Appends a lazy record; a refusal (the disk is far behind) costs only durability, which the log says.
-    fn lazy(&self, record: &Record) {
-        let result = encode(record).and_then(|bytes| Ok(self.segments.append_lazy(bytes)?));
-        if let Err(error) = result {
-            tracing::warn!(%error, "write log: a settlement was not recorded; after a restart it may be repeated");
+    /// Queues `record` lazily. Call it under the state lock, right after the index change it records, so that
+    /// the file keeps the order of the changes. When the writer is far behind (the disk is slow), the record is
+    /// queued as an awaited append instead, and the returned future waits for it: back-pressure, not a hole.
+    fn lazy(segments: &Segments, record: &Record) -> BoxFuture<'static, ()> {
+        let bytes = match encode(record) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::error!(%error, "write log: a record does not encode; after a restart it may be repeated");
+                return Box::pin(ready(()));
+            }
+        };
+        match segments.append_lazy(bytes.clone()) {
+            Ok(()) => Box::pin(ready(())),
+            Err(SegmentError::Backlog) => {
+                let append = segments.append(bytes, SyncMode::Lazy);
+                Box::pin(async move {
+                    if let Err(error) = append.await {
+                        tracing::warn!(%error, "write log: a settlement was not written; it may be repeated");
+                    }
+                })
+            }
+            Err(error) => {
+                tracing::warn!(%error, "write log: a settlement was not recorded; after a restart it may be repeated");
+                Box::pin(ready(()))
+            }
         }
+    }
+
+    /// Queues `records` durably (under the state lock, like [`DiskLog::lazy`]); the future resolves once they
+    /// are on disk.
+    fn durable(segments: &Segments, records: &[Record]) -> BoxFuture<'static, Result<(), LogError>> {
+        let encoded: Result<Vec<Vec<u8>>, LogError> = records.iter().map(encode).collect();
+        let append = match encoded {
+            Ok(bytes) => segments.append_many(bytes, SyncMode::Now),
+            Err(e) => return Box::pin(ready(Err(e))),
+        };
+        Box::pin(async move {
+            append.await?;
+            Ok(())
+        })
     }
 
     /// Deletes the oldest segments the history no longer needs (see the module doc).
@@ -244,9 +306,10 @@ impl DiskLog {
         }
         let infos = self.segments.segments();
         let now = now_ms();
-        let (cut, checkpoint) = {
+        let planned = {
             let state = self.state();
-            let pinned = state.index.held_positions().map(|p| p.segment).min().unwrap_or(u64::MAX);
+            let held = state.index.held_positions().map(|p| p.segment).min().unwrap_or(u64::MAX);
+            let pinned = state.recovering_from.iter().copied().min().unwrap_or(u64::MAX).min(held);
             let mut total: u64 = infos.iter().map(|s| s.bytes).sum();
             let mut cut = None;
             for s in infos.iter().filter(|s| s.sealed) {
@@ -258,31 +321,37 @@ impl DiskLog {
                 total -= s.bytes;
                 cut = Some(s.id + 1);
             }
-            let checkpoint = cut.map(|cut| {
+            cut.map(|cut| {
+                // What the dropped records still meant goes first, queued now (after every change so far).
                 let dropped = state.times.range(..cut).map(|(_, t)| t.1).max();
-                // The keys are kept in full (expired ones go at the next prune).
-                Record::Checkpoint {
-                    keys: state.index.keys_snapshot(),
+                let keys = state.index.keys_snapshot();
+                let mut records = vec![Record::Checkpoint {
+                    keys: Vec::new(),
                     max_seq: state.max_seq,
                     dropped_upto_ms: state.dropped_upto_ms.max(dropped),
+                }];
+                for chunk in keys.chunks(KEYS_PER_RECORD) {
+                    records.push(Record::Checkpoint { keys: chunk.to_vec(), max_seq: None, dropped_upto_ms: None });
                 }
-            });
-            (cut, checkpoint)
+                (cut, Self::durable(&self.segments, &records))
+            })
         };
-        let (Some(cut), Some(checkpoint)) = (cut, checkpoint) else {
+        let Some((cut, checkpoint)) = planned else {
             self.retaining.store(false, Ordering::Release);
             return;
         };
         let segments = self.segments.clone();
         let state = self.state.clone();
         let retaining = self.retaining.clone();
-        let bytes = encode(&checkpoint);
         tokio::spawn(async move {
-            let result = match bytes {
-                Ok(bytes) => segments.append(bytes, SyncMode::Now).await.map_err(LogError::from),
+            let removed = match checkpoint.await {
+                Ok(()) => tokio::task::spawn_blocking(move || segments.remove_before(cut))
+                    .await
+                    .map_err(|e| LogError::Task(Arc::new(e)))
+                    .and_then(|r| Ok(r?)),
                 Err(e) => Err(e),
             };
-            match result.and_then(|_| Ok(segments.remove_before(cut)?)) {
+            match removed {
                 Ok(freed) => {
                     let mut state = lock(&state);
                     let dropped = state.times.range(..cut).map(|(_, t)| t.1).max();
@@ -318,7 +387,7 @@ impl WriteLog for DiskLog {
         Box::pin(async move {
             append?.await?;
             let mut state = lock(&state);
-            let mut startup = state.index.startup(&pool, at_ms);
+            let mut startup = state.index.startup(&pool, at_ms, false);
             startup.max_seq = startup.max_seq.max(state.max_seq);
             Ok(startup)
         })
@@ -341,25 +410,29 @@ impl WriteLog for DiskLog {
         Box::pin(async move {
             let at = append.await?;
             let Record::Append { id, write, key } = record else { unreachable!("built above") };
-            let mut state = lock(&state);
-            state.saw_write(at, &write);
-            state.index.append(id, &write, Body::Disk(at), key.as_ref().map(|(k, r)| (k.as_str(), r)));
+            lock(&state).append(at, id, &write, key.as_ref());
             Ok(())
         })
     }
 
     fn settle(&self, backend: &Arc<str>, seq: u64, settlement: Settlement) -> BoxFuture<'static, ()> {
-        self.state().index.settle(backend, seq, settlement.clone());
-        self.lazy(&Record::Settle { backend: backend.to_string(), seq, settlement });
-        Box::pin(ready(()))
+        let mut state = self.state();
+        state.index.settle(backend, seq, settlement.clone());
+        Self::lazy(&self.segments, &Record::Settle { backend: backend.to_string(), seq, settlement })
     }
 
     fn drop_refused(&self, id: u128) -> BoxFuture<'static, Vec<String>> {
-        let (dropped, _) = self.state().index.drop_refused(id);
-        if !dropped.is_empty() {
-            self.lazy(&Record::DropRefused { id });
+        let mut state = self.state();
+        let (dropped, _) = state.index.drop_refused(id);
+        if dropped.is_empty() {
+            return Box::pin(ready(dropped));
         }
-        Box::pin(ready(dropped))
+        let written = Self::lazy(&self.segments, &Record::DropRefused { id });
+        drop(state);
+        Box::pin(async move {
+            written.await;
+            dropped
+        })
     }
 
     fn pending(
@@ -367,8 +440,9 @@ impl WriteLog for DiskLog {
         backend: &Arc<str>,
         skip: HashSet<u64>,
         limit: usize,
+        below: Option<u64>,
     ) -> BoxFuture<'static, Result<Vec<Loaded>, LogError>> {
-        let rows = self.state().index.pending(backend, &skip, limit);
+        let rows = self.state().index.pending(backend, &skip, limit, below);
         let segments = self.segments.clone();
         Box::pin(async move {
             let read = tokio::task::spawn_blocking(move || {
@@ -382,7 +456,7 @@ impl WriteLog for DiskLog {
                     })
                     .collect::<Result<Vec<_>, LogError>>()
             });
-            read.await.map_err(|e| LogError::Corrupt(format!("the read task failed: {e}")))?
+            read.await.map_err(|e| LogError::Task(Arc::new(e)))?
         })
     }
 
@@ -395,19 +469,29 @@ impl WriteLog for DiskLog {
         filter: DeadFilter,
         pool: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<(String, u64)>, LogError>> {
-        let rows = self.state().index.redrivable(&filter, &pool);
-        self.durably_then(Record::Redrive { rows }, |index, record| match record {
-            Record::Redrive { rows } => index.redrive(&rows),
-            _ => Vec::new(),
+        let mut state = self.state();
+        let rows = state.index.redrivable(&filter, &pool);
+        let moved = state.index.redrive(&rows);
+        let records: Vec<Record> =
+            moved.chunks(ROWS_PER_RECORD).map(|c| Record::Redrive { rows: c.to_vec() }).collect();
+        let written = Self::durable(&self.segments, &records);
+        drop(state);
+        Box::pin(async move {
+            written.await?;
+            Ok(moved)
         })
     }
 
     fn discard(&self, filter: DeadFilter) -> BoxFuture<'static, Result<Vec<(String, u64)>, LogError>> {
-        let rows: Vec<(String, u64)> =
-            self.state().index.matching_dead(&filter).into_iter().map(|(b, seq)| (b.to_string(), seq)).collect();
-        self.durably_then(Record::Discard { rows }, |index, record| match record {
-            Record::Discard { rows } => index.discard(&rows).0,
-            _ => Vec::new(),
+        let mut state = self.state();
+        let rows = state.index.discardable(&filter);
+        let gone = state.index.discard(&rows).0;
+        let records: Vec<Record> = gone.chunks(ROWS_PER_RECORD).map(|c| Record::Discard { rows: c.to_vec() }).collect();
+        let written = Self::durable(&self.segments, &records);
+        drop(state);
+        Box::pin(async move {
+            written.await?;
+            Ok(gone)
         })
     }
 
@@ -416,8 +500,10 @@ impl WriteLog for DiskLog {
     }
 
     fn answer(&self, key: &str, record: &KeyRecord) {
-        self.state().index.answer(key, record.clone());
-        self.lazy(&Record::Answer { key: key.to_owned(), record: record.clone() });
+        let mut state = self.state();
+        state.index.answer(key, record.clone());
+        // Advisory, like the trait says: a slow disk's back-pressure is not waited for here.
+        drop(Self::lazy(&self.segments, &Record::Answer { key: key.to_owned(), record: record.clone() }));
     }
 
     fn idempotency_keys(
@@ -459,6 +545,14 @@ impl WriteLog for DiskLog {
         let state = self.state.clone();
         let backend = backend.clone();
         let oldest_ms = self.history().oldest_ms;
+        // Retention keeps what the scan reads until the writes it finds are held again.
+        let pin = segments.segments().first().map_or(u64::MAX, |s| s.id);
+        self.state().recovering_from.push(pin);
+        let unpin = move |state: &mut State| {
+            if let Some(i) = state.recovering_from.iter().position(|p| *p == pin) {
+                state.recovering_from.swap_remove(i);
+            }
+        };
         Box::pin(async move {
             // Every write the history holds since `since_ms`, without its body (read back when sent).
             let scan = {
@@ -478,45 +572,43 @@ impl WriteLog for DiskLog {
                     Ok::<_, LogError>(found)
                 })
             };
-            let mut found = scan.await.map_err(|e| LogError::Corrupt(format!("the scan task failed: {e}")))??;
+            let found = match scan.await.map_err(|e| LogError::Task(Arc::new(e))).and_then(|r| r) {
+                Ok(found) => found,
+                Err(e) => {
+                    unpin(&mut lock(&state));
+                    return Err(e);
+                }
+            };
+            let mut found = found;
             found.sort_by_key(|(_, w, _)| w.seq);
-            let upto_seq = found.last().map(|(_, w, _)| w.seq);
-            let writes = found.iter().map(|(id, _, at)| (*id, *at)).collect();
-            segments.append(encode(&Record::Recover { backend: backend.to_string(), writes })?, SyncMode::Now).await?;
-            let mut state = lock(&state);
-            let (queued, from_dead_letters) =
-                state.index.recover(&backend, found.into_iter().map(|(id, w, at)| (id, w, Body::Disk(at))).collect());
-            let queued = queued.len() as u64;
-            let pending_upto = upto_seq.map_or(0, |upto| state.index.pending_upto(&backend, upto));
-            let dropped_upto_ms = state.dropped_upto_ms;
-            Ok(Recovered { queued, from_dead_letters, upto_seq, pending_upto, oldest_ms, dropped_upto_ms })
+            let (report, written) = {
+                let mut state = lock(&state);
+                let writes: Vec<(u128, Position)> = found.iter().map(|(id, _, at)| (*id, *at)).collect();
+                let found = found.into_iter().map(|(id, w, at)| (id, w, Body::Disk(at))).collect();
+                let dropped_upto_ms = state.dropped_upto_ms;
+                let report = state.index.recover_report(&backend, found, oldest_ms, dropped_upto_ms);
+                let records: Vec<Record> = writes
+                    .chunks(ROWS_PER_RECORD)
+                    .map(|c| Record::Recover { backend: backend.to_string(), writes: c.to_vec() })
+                    .collect();
+                let written = Self::durable(&segments, &records);
+                unpin(&mut state);
+                (report, written)
+            };
+            written.await?;
+            Ok(report)
         })
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {
         let segments = self.segments.clone();
+        let retaining = self.retaining.clone();
         Box::pin(async move {
+            // A retention pass on its way finishes first (it deletes files: never under a later opener).
+            while retaining.swap(true, Ordering::AcqRel) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
             let _ = tokio::task::spawn_blocking(move || segments.close()).await;
-        })
-    }
-}
-
-impl DiskLog {
-    /// Appends `record` durably, then applies it to the index with `apply`; resolves with what `apply` returned.
-    fn durably_then<T: Send + 'static>(
-        &self,
-        record: Record,
-        apply: impl FnOnce(&mut Index, Record) -> T + Send + 'static,
-    ) -> BoxFuture<'static, Result<T, LogError>> {
-        let bytes = match encode(&record) {
-            Ok(bytes) => bytes,
-            Err(e) => return Box::pin(ready(Err(e))),
-        };
-        let append = self.segments.append(bytes, SyncMode::Now);
-        let state = self.state.clone();
-        Box::pin(async move {
-            append.await?;
-            Ok(apply(&mut lock(&state).index, record))
         })
     }
 }

@@ -46,6 +46,8 @@ pub struct Held {
     pub body: Body,
     /// Backends still holding it.
     pub refs: u32,
+    /// Held again only for a recovery (it had finished everywhere): not counted by [`Index::unfinished`].
+    pub recovered: bool,
 }
 
 /// The state; see the module doc.
@@ -61,6 +63,8 @@ pub struct Index {
     /// The pools writes were accepted for (one per start-up with a different `--backends`, a handful).
     pools: Vec<Arc<[Arc<str>]>>,
     paths: HashSet<Arc<str>>,
+    /// Deliveries held again only for a recovery.
+    recovered: u64,
 }
 
 /// What [`Index::release`] did with a delivery a backend let go of.
@@ -72,10 +76,30 @@ pub enum Released {
     Finished(Option<Position>),
 }
 
+impl Released {
+    /// What removing `held` from the index made of it.
+    fn of(held: Option<Held>) -> Released {
+        match held.map(|h| h.body) {
+            Some(Body::Disk(at)) => Released::Finished(Some(at)),
+            _ => Released::Finished(None),
+        }
+    }
+}
+
 impl Index {
-    /// Deliveries not finished on every backend.
+    /// Deliveries not finished on every backend, not counting those held again only for a recovery (a
+    /// recovery's backlog must not hold back new writes at `--max-pending`; its progress has its own gauge).
     pub fn unfinished(&self) -> u64 {
-        self.deliveries.len() as u64
+        self.deliveries.len() as u64 - self.recovered
+    }
+
+    /// Removes delivery `id`, keeping the count of recovery-only ones.
+    fn remove(&mut self, id: u128) -> Released {
+        let held = self.deliveries.remove(&id);
+        if held.as_ref().is_some_and(|h| h.recovered) {
+            self.recovered -= 1;
+        }
+        Released::of(held)
     }
 
     fn label(&mut self, label: &str) -> Arc<str> {
@@ -121,6 +145,7 @@ impl Index {
             backends,
             path: self.path(&write.path_and_query),
             body,
+            recovered: false,
         };
         self.deliveries.insert(id, held);
         if let Some((k, r)) = key {
@@ -162,10 +187,7 @@ impl Index {
         if held.refs > 0 {
             return Released::Held;
         }
-        match self.deliveries.remove(&id).map(|h| h.body) {
-            Some(Body::Disk(at)) => Released::Finished(Some(at)),
-            _ => Released::Finished(None),
-        }
+        self.remove(id)
     }
 
     fn finish(&mut self, id: u128, backend: Arc<str>, row: DeliveredRow) {
@@ -237,6 +259,11 @@ impl Index {
             .collect()
     }
 
+    /// The dead letters matching `filter`, as (backend, order).
+    pub fn discardable(&self, filter: &DeadFilter) -> Vec<(String, u64)> {
+        self.matching_dead(filter).into_iter().map(|(b, seq)| (b.to_string(), seq)).collect()
+    }
+
     /// Deletes the given dead letters (their outcome stays, as discarded); returns those deleted and the
     /// positions of the deliveries that thereby finished.
     pub fn discard(&mut self, rows: &[(String, u64)]) -> (Vec<(String, u64)>, Vec<Released>) {
@@ -246,7 +273,14 @@ impl Index {
             let label = self.label(b);
             let Some(row) = self.dead.remove(&(label.clone(), *seq)) else { continue };
             // Kept like a delivery's outcome; status 0 marks it deleted.
-            self.finish(row.id, label, DeliveredRow { attempts: row.attempts, status: 0, position: u16::MAX });
+            // Its place in the delivery's pool, so that a finished delivery lists its backends in pool order.
+            let position = self
+                .deliveries
+                .get(&row.id)
+                .and_then(|h| h.backends.iter().position(|b| *b == label))
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(u16::MAX);
+            self.finish(row.id, label, DeliveredRow { attempts: row.attempts, status: 0, position });
             released.push(self.release(row.id));
             gone.push((b.clone(), *seq));
         }
@@ -272,18 +306,22 @@ impl Index {
             let position = u16::try_from(position).unwrap_or(u16::MAX);
             self.finish(id, b.clone(), DeliveredRow { attempts: row.attempts, status, position });
         }
-        let released = match self.deliveries.remove(&id).map(|h| h.body) {
-            Some(Body::Disk(at)) => Released::Finished(Some(at)),
-            _ => Released::Finished(None),
-        };
+        let released = self.remove(id);
         (refused.into_iter().map(|(b, _)| b.to_string()).collect(), released)
     }
 
-    /// Up to `limit` pending entries of `backend` not in `skip`, oldest first, with their bodies.
-    pub fn pending(&self, backend: &str, skip: &HashSet<u64>, limit: usize) -> Vec<(u64, QueueRow, Body)> {
+    /// Up to `limit` pending entries of `backend` not in `skip` and with an order below `below` (if given),
+    /// oldest first, with their bodies.
+    pub fn pending(
+        &self,
+        backend: &str,
+        skip: &HashSet<u64>,
+        limit: usize,
+        below: Option<u64>,
+    ) -> Vec<(u64, QueueRow, Body)> {
         let Some(queue) = self.queues.get(backend) else { return Vec::new() };
         queue
-            .iter()
+            .range(..below.unwrap_or(u64::MAX))
             .filter(|(seq, _)| !skip.contains(seq))
             .filter_map(|(seq, row)| Some((*seq, row.clone(), self.deliveries.get(&row.id)?.body.clone())))
             .take(limit)
@@ -376,8 +414,8 @@ impl Index {
 
     /// At start: counts what each backend of `pool` holds; rows of a backend written another way follow its new
     /// spelling; queue entries of backends no longer in the pool become dead letters (`backend_removed`).
-    /// `now` stamps those dead letters.
-    pub fn startup(&mut self, pool: &[String], now: u64) -> Startup {
+    /// `now` stamps those dead letters. `quiet` (a replay of an earlier start) logs none of it again.
+    pub fn startup(&mut self, pool: &[String], now: u64, quiet: bool) -> Startup {
         let mut out = Startup::default();
         for b in pool {
             out.backends.insert(b.clone(), BackendCounts::default());
@@ -400,7 +438,9 @@ impl Index {
                     self.dead.insert((to.clone(), key.1), row);
                 }
             }
-            tracing::info!(from = %from, to = %to, rows = n, "the same backend, written another way: its queue follows");
+            if !quiet {
+                tracing::info!(from = %from, to = %to, rows = n, "the same backend, written another way: its queue follows");
+            }
             renamed.insert(from.clone(), to);
         }
         if !renamed.is_empty() {
@@ -442,12 +482,14 @@ impl Index {
                 self.dead.insert((b.clone(), seq), dead);
                 out.orphaned += 1;
             }
-            tracing::error!(
-                backend = %b,
-                writes,
-                "dead letters: this backend is no longer in --backends and will not get these writes; \
-                 GET /dead-letters?backend=... lists them, DELETE drops them"
-            );
+            if !quiet {
+                tracing::error!(
+                    backend = %b,
+                    writes,
+                    "dead letters: this backend is no longer in --backends and will not get these writes; \
+                     GET /dead-letters?backend=... lists them, DELETE drops them"
+                );
+            }
         }
         out
     }
@@ -494,14 +536,38 @@ impl Index {
                         path: self.path(&write.path_and_query),
                         body,
                         refs: 1,
+                        recovered: true,
                     };
                     self.deliveries.insert(id, held);
+                    self.recovered += 1;
                 }
             }
             self.queues.entry(label.clone()).or_default().insert(seq, QueueRow { id, ..QueueRow::default() });
             queued.push(seq);
         }
         (queued, from_dead)
+    }
+
+    /// A recovery of `backend` over `writes` (in any order), with what the history says of itself; see
+    /// [`super::WriteLog::recover`].
+    pub fn recover_report(
+        &mut self,
+        backend: &str,
+        mut writes: Vec<(u128, StoredDelivery, Body)>,
+        oldest_ms: Option<u64>,
+        dropped_upto_ms: Option<u64>,
+    ) -> super::Recovered {
+        writes.sort_by_key(|(_, w, _)| w.seq);
+        let upto_seq = writes.last().map(|(_, w, _)| w.seq);
+        let (queued, from_dead_letters) = self.recover(backend, writes);
+        super::Recovered {
+            queued: queued.len() as u64,
+            from_dead_letters,
+            upto_seq,
+            pending_upto: upto_seq.map_or(0, |upto| self.pending_upto(backend, upto)),
+            oldest_ms,
+            dropped_upto_ms,
+        }
     }
 
     /// Entries of `backend` still pending with an order at most `upto`.

@@ -64,8 +64,7 @@ impl MemoryLog {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // Every critical section leaves the state consistent, so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.state)
     }
 }
 
@@ -98,7 +97,7 @@ impl WriteLog for MemoryLog {
     }
 
     fn startup(&self, pool: Vec<String>) -> BoxFuture<'static, Result<Startup, LogError>> {
-        let startup = self.state().index.startup(&pool, now_ms());
+        let startup = self.state().index.startup(&pool, now_ms(), false);
         Box::pin(ready(Ok(startup)))
     }
 
@@ -139,8 +138,9 @@ impl WriteLog for MemoryLog {
         backend: &Arc<str>,
         skip: HashSet<u64>,
         limit: usize,
+        below: Option<u64>,
     ) -> BoxFuture<'static, Result<Vec<Loaded>, LogError>> {
-        let rows = self.state().index.pending(backend, &skip, limit);
+        let rows = self.state().index.pending(backend, &skip, limit, below);
         let loaded = rows
             .into_iter()
             .filter_map(|(seq, row, body)| match body {
@@ -167,8 +167,7 @@ impl WriteLog for MemoryLog {
 
     fn discard(&self, filter: DeadFilter) -> BoxFuture<'static, Result<Vec<(String, u64)>, LogError>> {
         let mut state = self.state();
-        let rows: Vec<(String, u64)> =
-            state.index.matching_dead(&filter).into_iter().map(|(b, seq)| (b.to_string(), seq)).collect();
+        let rows = state.index.discardable(&filter);
         Box::pin(ready(Ok(state.index.discard(&rows).0)))
     }
 
@@ -218,13 +217,8 @@ impl WriteLog for MemoryLog {
             let body = Body::Memory(Arc::new(write.clone()));
             writes.push((k.id, write, body));
         }
-        writes.sort_by_key(|(_, w, _)| w.seq);
-        let upto_seq = writes.last().map(|(_, w, _)| w.seq);
-        let (queued, from_dead_letters) = state.index.recover(backend, writes);
-        let queued = queued.len() as u64;
-        let pending_upto = upto_seq.map_or(0, |upto| state.index.pending_upto(backend, upto));
         let dropped_upto_ms = state.dropped_upto_ms;
-        Box::pin(ready(Ok(Recovered { queued, from_dead_letters, upto_seq, pending_upto, oldest_ms, dropped_upto_ms })))
+        Box::pin(ready(Ok(state.index.recover_report(backend, writes, oldest_ms, dropped_upto_ms))))
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {

@@ -57,6 +57,9 @@ pub enum LogError {
     /// The segment files of the disk log failed: an I/O error, a damaged sealed segment, or the log is closed.
     #[error("segment files: {0}")]
     Segment(#[source] Arc<segments::SegmentError>),
+    /// A task doing the log's blocking work (reads, a history scan, deleting segments) failed.
+    #[error("a write log task failed: {0}")]
+    Task(#[source] Arc<tokio::task::JoinError>),
     /// A record is not what its place says it must be (a damaged or foreign file).
     #[error("the write log is inconsistent: {0}")]
     Corrupt(String),
@@ -141,12 +144,13 @@ pub trait WriteLog: Send + Sync + 'static {
     fn drop_refused(&self, id: u128) -> BoxFuture<'static, Vec<String>>;
 
     /// Up to `limit` pending entries of `backend`, oldest first, leaving out the orders in `skip` (the entries the
-    /// caller holds already), each with its write.
+    /// caller holds already) and, when `below` is given, every order from it on; each with its write.
     fn pending(
         &self,
         backend: &Arc<str>,
         skip: HashSet<u64>,
         limit: usize,
+        below: Option<u64>,
     ) -> BoxFuture<'static, Result<Vec<Loaded>, LogError>>;
 
     /// Up to `limit` dead letters matching `filter`, oldest first per backend.
@@ -197,8 +201,8 @@ pub trait WriteLog: Send + Sync + 'static {
     /// [`crate::queue::Msg::Recover`]), and must read its queue again afterwards.
     fn recover(&self, backend: &Arc<str>, since_ms: u64) -> BoxFuture<'static, Result<Recovered, LogError>>;
 
-    /// Makes everything recorded so far durable and releases the storage (the file can be opened again); every
-    /// later call fails with [`LogError::Closed`].
+    /// Makes everything recorded so far durable and releases the storage (it can be opened again); later appends
+    /// fail with [`LogError::Closed`] (or are not recorded, for the lazy ones); reads may still answer.
     fn close(&self) -> BoxFuture<'static, ()>;
 }
 
@@ -305,8 +309,8 @@ pub struct StoredDelivery {
     pub body: Vec<u8>,
     /// The per-user ordering key, if any.
     pub ordering_key: Option<String>,
-    /// The backend pool when it was accepted, as written in `--backends`: the `pending` rows' backend indexes
-    /// point into this list, so a restart with the pool reordered or shrunk still knows who needs the write.
+    /// The backend pool when it was accepted, as written in `--backends`: who needs the write, whatever the pool
+    /// is at a later start (reordered, shrunk, a backend written another way).
     pub backends: Vec<String>,
 }
 

@@ -79,8 +79,10 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+
+use crate::lock;
 
 use tokio::sync::oneshot;
 
@@ -1062,10 +1064,6 @@ fn encode_frame(buf: &mut Vec<u8>, record: &[u8]) {
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&checksum(len, record).to_le_bytes());
     buf.extend_from_slice(record);
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

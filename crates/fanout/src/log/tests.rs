@@ -115,7 +115,7 @@ fn label(s: &str) -> Arc<str> {
 }
 
 async fn seqs(outbox: &dyn WriteLog, backend: &str) -> Vec<u64> {
-    outbox.pending(&label(backend), HashSet::new(), 100).await.expect("load").iter().map(|l| l.seq).collect()
+    outbox.pending(&label(backend), HashSet::new(), 100, None).await.expect("load").iter().map(|l| l.seq).collect()
 }
 
 async fn queues_deliveries_and_dead_letters_survive_a_reopen(kind: Kind) {
@@ -151,11 +151,11 @@ async fn queues_deliveries_and_dead_letters_survive_a_reopen(kind: Kind) {
     assert_eq!(outbox.unfinished(), 3);
     assert_eq!(seqs(&*outbox, "a:1").await, [0, 2, 9]);
     assert_eq!(seqs(&*outbox, "c:1").await, [0, 9], "the dead letter left the queue");
-    let loaded = outbox.pending(&label("b:1"), [2].into(), 1).await.expect("load");
+    let loaded = outbox.pending(&label("b:1"), [2].into(), 1, None).await.expect("load");
     assert_eq!(loaded.len(), 1, "limit applies");
     assert_eq!(loaded[0].row.attempts, 4, "progress kept");
     assert_eq!(loaded[0].delivery, write(0));
-    let skipped = outbox.pending(&label("b:1"), [0, 2].into(), 10).await.expect("load");
+    let skipped = outbox.pending(&label("b:1"), [0, 2].into(), 10, None).await.expect("load");
     assert_eq!(skipped.iter().map(|l| l.seq).collect::<Vec<_>>(), [9], "skip applies");
 
     let finished = outbox.view(101).await.expect("view").expect("kept for the window");
@@ -309,7 +309,7 @@ async fn delivered_everywhere(log: &dyn WriteLog, n: u64) {
     }
 }
 
-/// Item 3 of the delivery-core issue: a backend that lost its state gets every write accepted since T again,
+/// A recovery (docs/write-log.md section 5): a backend that lost its state gets every write accepted since T again,
 /// in acceptance order, with its original request (and so its original `Idempotency-Key`); writes it still has
 /// pending are not queued twice; the other backends are untouched.
 async fn a_recovery_queues_every_write_since_t_again_in_order(kind: Kind) {
@@ -326,11 +326,13 @@ async fn a_recovery_queues_every_write_since_t_again_in_order(kind: Kind) {
     assert_eq!(recovered.pending_upto, 5);
     assert_eq!(seqs(&*log, "b:1").await, [2, 3, 4, 5, 6]);
     assert_eq!(seqs(&*log, "a:1").await, [6], "other backends untouched");
-    let loaded = log.pending(&label("b:1"), HashSet::new(), 1).await.expect("pending");
+    let loaded = log.pending(&label("b:1"), HashSet::new(), 1, None).await.expect("pending");
     let mut original = write(2);
     original.accepted_at_ms = 1_002;
     assert_eq!(loaded[0].delivery, original, "the original request, headers included");
-    assert_eq!(log.unfinished(), 5);
+    assert_eq!(log.unfinished(), 1, "writes held again only for the recovery do not count against the bound");
+    let below = log.pending(&label("b:1"), HashSet::new(), 10, Some(4)).await.expect("pending");
+    assert_eq!(below.iter().map(|l| l.seq).collect::<Vec<_>>(), [2, 3], "only orders below the bound");
     let view = log.view(102).await.expect("view").expect("held again");
     let states: Vec<_> = view.backends.iter().map(|b| b.state).collect();
     assert_eq!(states, [BackendState::Delivered, BackendState::Pending, BackendState::Delivered]);
@@ -421,3 +423,62 @@ async fn disk_history_is_bounded_and_never_drops_a_pending_write() {
 
 /// The segment size the disk log picks for the bound above (an eighth, at least 64 KiB).
 const SEGMENT_BYTES_UNDER_TEST: u64 = 64 * 1024;
+
+/// Found by a review: a recovery's record names the writes it queued; once they were delivered, retention
+/// dropped their segments while the recovery's record stayed, and the next start failed reading them. Also: a
+/// checkpoint carried every idempotency record in one frame, which past 16 MiB (answers of up to 64 KiB each)
+/// could not be written, so retention stopped for good.
+#[tokio::test]
+async fn disk_history_after_a_recovery_and_many_large_answers_still_reopens() {
+    let dir = temp_dir("recover-retain");
+    let limits = HistoryLimits { window_ms: 3_600_000, max_bytes: 256 * 1024 };
+    let log = DiskLog::open(&dir, limits).expect("open");
+    // 300 keys whose answers carry 60 KiB each: 18 MB of idempotency records.
+    let answer = crate::replay::StoredAnswer { status: 201, content_type: None, body: vec![b'a'; 60 * 1024] };
+    for seq in 0..300u64 {
+        let id = u128::from(seq) + 100;
+        let key = KeyRecord { delivery_id: id, body_hash: [1; 32], at_ms: now_ms(), answer: None };
+        let name = format!("key-{seq}");
+        log.append(id, write(seq), Some((&name, &key))).await.expect("append");
+        log.answer(&name, &KeyRecord { answer: Some(answer.clone()), ..key });
+        for (i, b) in POOL.iter().enumerate() {
+            let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+            log.settle(&label(b), seq, Settlement::Delivered { id, row }).await;
+        }
+    }
+    let recovered = log.recover(&label("b:1"), 0).await.expect("recover");
+    assert_eq!(recovered.queued, 300);
+    for seq in 0..300u64 {
+        let row = DeliveredRow { attempts: 1, status: 201, position: 1 };
+        log.settle(&label("b:1"), seq, Settlement::Delivered { id: u128::from(seq) + 100, row }).await;
+    }
+    // More writes, so that the recovery's record sits in a segment after the ones retention may drop.
+    let body = "x".repeat(400);
+    for seq in 300..1500u64 {
+        let mut w = write(seq);
+        w.body = format!("username=u{seq}&password={body}").into_bytes();
+        let id = u128::from(seq) + 100;
+        log.append(id, w, None).await.expect("append");
+        for (i, b) in POOL.iter().enumerate() {
+            let row = DeliveredRow { attempts: 1, status: 201, position: i as u16 };
+            log.settle(&label(b), seq, Settlement::Delivered { id, row }).await;
+        }
+    }
+    let before = log.history().bytes;
+    log.tick(3_600_000, 100);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while log.history().bytes >= before {
+        assert!(tokio::time::Instant::now() < deadline, "retention never ran: {} bytes", log.history().bytes);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        log.tick(3_600_000, 100);
+    }
+    log.flush().await.expect("flush");
+    log.close().await;
+    let log = DiskLog::open(&dir, limits).expect("reopens after the recovered writes' segments went");
+    assert!(seqs(&log, "b:1").await.is_empty());
+    let keys = log.idempotency_keys(3_600_000, now_ms()).await.expect("keys");
+    assert_eq!(keys.len(), 300, "every key outlived its segment");
+    assert!(keys.iter().all(|(_, r)| r.answer.as_ref().is_some_and(|a| a.body.len() == 60 * 1024)));
+    log.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
