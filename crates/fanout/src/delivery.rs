@@ -310,7 +310,7 @@ impl Dispatcher {
             let worker = Worker::new(ctx, rx, stopped.clone(), counts);
             workers.push(tokio::spawn(worker.run()));
         }
-        *shared.workers.lock().unwrap_or_else(|e| e.into_inner()) = workers;
+        *crate::lock(&shared.workers) = workers;
         Self { shared }
     }
 
@@ -350,7 +350,7 @@ impl Dispatcher {
         let key: Option<Arc<str>> = ordering_key.map(Arc::from);
         let accepted_at_ms = now_ms();
         let seq = {
-            let _one_at_a_time = shared.enqueue.lock().unwrap_or_else(|e| e.into_inner());
+            let _one_at_a_time = crate::lock(&shared.enqueue);
             let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
             shared.broadcast(|| {
                 Msg::New(NewEntry { seq, id, request: request.clone(), key: key.clone(), accepted_at_ms })
@@ -497,7 +497,7 @@ impl Dispatcher {
     pub async fn close(&self, grace: Duration) -> u64 {
         self.shared.closing.store(true, Ordering::Release);
         let _ = self.shared.stop.send(true);
-        let workers = std::mem::take(&mut *self.shared.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        let workers = std::mem::take(&mut *crate::lock(&self.shared.workers));
         let aborts: Vec<_> = workers.iter().map(JoinHandle::abort_handle).collect();
         // The last tenth (at most a second) is for answering the clients still waiting.
         let work = grace.saturating_sub((grace / 10).min(Duration::from_secs(1)));

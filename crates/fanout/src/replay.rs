@@ -97,7 +97,7 @@ impl Replays {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.inner)
     }
 
     fn expire(&self, inner: &mut Inner, now_ms: u64) {
