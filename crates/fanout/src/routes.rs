@@ -288,7 +288,11 @@ struct RecoverQuery {
 fn since_ms(since: &str, now_ms: u64) -> Result<u64, ApiError> {
     if let Ok(t) = humantime::parse_rfc3339_weak(since) {
         let ms = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        return Ok(u64::try_from(ms).unwrap_or(u64::MAX));
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX);
+        if ms > now_ms {
+            return Err(ApiError::BadQuery(format!("since={since:?} is in the future: nothing to recover yet")));
+        }
+        return Ok(ms);
     }
     match humantime::parse_duration(since) {
         Ok(ago) => Ok(now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX))),

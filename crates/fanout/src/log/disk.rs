@@ -228,6 +228,10 @@ pub struct DiskLog {
     limits: HistoryLimits,
     /// A retention pass is running (one at a time).
     retaining: Arc<AtomicBool>,
+    /// Appends queued and not yet in the index, by ticket: the active segment when each was queued (its record
+    /// is there or later). Retention keeps those segments: the index does not know yet that they hold a write.
+    appending: Arc<Mutex<BTreeMap<u64, u64>>>,
+    next_ticket: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DiskLog {
@@ -250,7 +254,14 @@ impl DiskLog {
             let (at, bytes) = item?;
             state.replay(&segments, at, decode(&bytes)?)?;
         }
-        Ok(Self { segments, state: Arc::new(Mutex::new(state)), limits, retaining: Arc::new(AtomicBool::new(false)) })
+        Ok(Self {
+            segments,
+            state: Arc::new(Mutex::new(state)),
+            limits,
+            retaining: Arc::new(AtomicBool::new(false)),
+            appending: Arc::default(),
+            next_ticket: Arc::default(),
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -309,7 +320,8 @@ impl DiskLog {
         let planned = {
             let state = self.state();
             let held = state.index.held_positions().map(|p| p.segment).min().unwrap_or(u64::MAX);
-            let pinned = state.recovering_from.iter().copied().min().unwrap_or(u64::MAX).min(held);
+            let appending = lock(&self.appending).values().copied().min().unwrap_or(u64::MAX);
+            let pinned = state.recovering_from.iter().copied().min().unwrap_or(u64::MAX).min(held).min(appending);
             let mut total: u64 = infos.iter().map(|s| s.bytes).sum();
             let mut cut = None;
             for s in infos.iter().filter(|s| s.sealed) {
@@ -321,6 +333,9 @@ impl DiskLog {
                 total -= s.bytes;
                 cut = Some(s.id + 1);
             }
+            // Only when some write leaves the history: segments of other records alone (an earlier checkpoint)
+            // go with the next such cut, else each checkpoint would make the next one due.
+            let cut = cut.filter(|cut| state.times.range(..cut).next().is_some());
             cut.map(|cut| {
                 // What the dropped records still meant goes first, queued now (after every change so far).
                 let dropped = state.times.range(..cut).map(|(_, t)| t.1).max();
@@ -405,13 +420,19 @@ impl WriteLog for DiskLog {
             Ok(bytes) => bytes,
             Err(e) => return Box::pin(ready(Err(e))),
         };
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        lock(&self.appending).insert(ticket, self.segments.active_id());
         let append = self.segments.append(bytes, SyncMode::Now);
         let state = self.state.clone();
+        let appending = self.appending.clone();
         Box::pin(async move {
-            let at = append.await?;
-            let Record::Append { id, write, key } = record else { unreachable!("built above") };
-            lock(&state).append(at, id, &write, key.as_ref());
-            Ok(())
+            let result = append.await;
+            if let Ok(at) = &result {
+                let Record::Append { id, write, key } = record else { unreachable!("built above") };
+                lock(&state).append(*at, id, &write, key.as_ref());
+            }
+            lock(&appending).remove(&ticket);
+            result.map(|_| ()).map_err(LogError::from)
         })
     }
 
@@ -523,7 +544,7 @@ impl WriteLog for DiskLog {
         {
             let mut state = self.state();
             state.index.trim(keep_delivered);
-            state.index.keys(window_ms, now_ms());
+            state.index.prune_keys(window_ms, now_ms());
         }
         // The lazy records of a quiet second become durable now rather than with the next write.
         let flush = self.segments.flush();
@@ -553,22 +574,35 @@ impl WriteLog for DiskLog {
                 state.recovering_from.swap_remove(i);
             }
         };
+        let flushed = self.segments.flush();
         Box::pin(async move {
+            // The lazy records so far (writes refused everywhere among them) are in the files before the scan.
+            if let Err(e) = flushed.await {
+                unpin(&mut lock(&state));
+                return Err(e.into());
+            }
             // Every write the history holds since `since_ms`, without its body (read back when sent).
             let scan = {
                 let segments = segments.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut found = Vec::new();
+                    let mut refused = HashSet::new();
                     for item in segments.replay() {
                         let (at, bytes) = item?;
-                        if let Record::Append { id, mut write, .. } = decode(&bytes)?
-                            && write.accepted_at_ms >= since_ms
-                        {
-                            write.body = Vec::new();
-                            write.headers = Vec::new();
-                            found.push((id, write, at));
+                        match decode(&bytes)? {
+                            Record::Append { id, mut write, .. } if write.accepted_at_ms >= since_ms => {
+                                write.body = Vec::new();
+                                write.headers = Vec::new();
+                                found.push((id, write, at));
+                            }
+                            Record::DropRefused { id } => {
+                                refused.insert(id);
+                            }
+                            _ => {}
                         }
                     }
+                    // A write every backend refused was applied nowhere: there is nothing to bring back.
+                    found.retain(|(id, _, _)| !refused.contains(id));
                     Ok::<_, LogError>(found)
                 })
             };

@@ -335,9 +335,23 @@ impl Index {
         }
     }
 
-    /// Deletes the idempotency records older than `window_ms` at `now`; returns the others, oldest first.
-    pub fn keys(&mut self, window_ms: u64, now: u64) -> Vec<(String, KeyRecord)> {
+    /// Deletes the idempotency records older than `window_ms` at `now`, and the oldest past
+    /// [`crate::replay::MAX_KEYS`] (the replay cache keeps no more, so a restart needs no more).
+    pub fn prune_keys(&mut self, window_ms: u64, now: u64) {
         self.keys.retain(|_, r| now.saturating_sub(r.at_ms) <= window_ms);
+        if self.keys.len() > crate::replay::MAX_KEYS {
+            let mut by_age: Vec<(u64, String)> = self.keys.iter().map(|(k, r)| (r.at_ms, k.clone())).collect();
+            by_age.sort_unstable();
+            let gone = by_age.len() - crate::replay::MAX_KEYS;
+            for (_, k) in by_age.into_iter().take(gone) {
+                self.keys.remove(&k);
+            }
+        }
+    }
+
+    /// [`Index::prune_keys`], then the records left, oldest first.
+    pub fn keys(&mut self, window_ms: u64, now: u64) -> Vec<(String, KeyRecord)> {
+        self.prune_keys(window_ms, now);
         let mut keep: Vec<_> = self.keys.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
         keep.sort_by_key(|(_, r)| r.at_ms);
         keep

@@ -42,6 +42,8 @@ struct State {
     history_bytes: u64,
     /// The newest acceptance time among the writes the history dropped.
     dropped_upto_ms: Option<u64>,
+    /// Writes of the history every backend refused: a recovery leaves them out (applied nowhere).
+    refused: HashSet<u128>,
     closed: bool,
 }
 
@@ -78,7 +80,9 @@ impl State {
             }
             self.history_bytes -= oldest.bytes();
             self.dropped_upto_ms = self.dropped_upto_ms.max(Some(oldest.accepted_at_ms));
+            let id = oldest.id;
             self.history.pop_front();
+            self.refused.remove(&id);
         }
     }
 }
@@ -130,7 +134,12 @@ impl WriteLog for MemoryLog {
     }
 
     fn drop_refused(&self, id: u128) -> BoxFuture<'static, Vec<String>> {
-        Box::pin(ready(self.state().index.drop_refused(id).0))
+        let mut state = self.state();
+        let dropped = state.index.drop_refused(id).0;
+        if !dropped.is_empty() && self.limits.is_some_and(|l| l.max_bytes > 0) {
+            state.refused.insert(id);
+        }
+        Box::pin(ready(dropped))
     }
 
     fn pending(
@@ -194,7 +203,7 @@ impl WriteLog for MemoryLog {
     fn tick(&self, window_ms: u64, keep_delivered: u64) {
         let mut state = self.state();
         state.index.trim(keep_delivered);
-        state.index.keys(window_ms, now_ms());
+        state.index.prune_keys(window_ms, now_ms());
         if let Some(limits) = self.limits {
             state.bound(limits, now_ms());
         }
@@ -209,7 +218,7 @@ impl WriteLog for MemoryLog {
         let mut state = self.state();
         let oldest_ms = state.history.front().map(|k| k.accepted_at_ms);
         let mut writes = Vec::new();
-        for k in state.history.iter().filter(|k| k.accepted_at_ms >= since_ms) {
+        for k in state.history.iter().filter(|k| k.accepted_at_ms >= since_ms && !state.refused.contains(&k.id)) {
             let write: StoredDelivery = match postcard::from_bytes(&k.encoded) {
                 Ok(w) => w,
                 Err(e) => return Box::pin(ready(Err(LogError::from(e)))),

@@ -98,6 +98,10 @@ pub const MAX_RECORD: usize = 16 * 1024 * 1024;
 pub const BATCH_REQUESTS: usize = 4096;
 /// Frame bytes the writer takes into one batch at most (a larger single request still goes, alone).
 pub const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+/// The longest tail of the last segment that [`Segments::open`] cuts as torn by a crash (a batch, or a record
+/// of the largest size, plus the lazy records a slow second may leave unsynced); a longer damaged tail is
+/// [`SegmentError::Corrupt`].
+pub const MAX_TORN_TAIL: u64 = BATCH_BYTES + MAX_RECORD as u64 + 16 * 1024 * 1024;
 /// Frame bytes waiting past which a lazy append wakes the writer (below, lazy records wait for the next awaited
 /// append or flush).
 pub const LAZY_WAKE_BYTES: u64 = 1024 * 1024;
@@ -334,6 +338,15 @@ impl Segments {
             let _ = sync_dir(parent);
         }
         let ids = list_segments(&dir)?;
+        // Segments are only ever deleted oldest first: a gap is a file lost or moved away, and the records in
+        // it (acknowledged writes among them) would be missing without a word.
+        if let Some(w) = ids.windows(2).find(|w| w[1] != w[0] + 1) {
+            return Err(SegmentError::Corrupt {
+                path: segment_path(&dir, w[0] + 1),
+                offset: 0,
+                why: "this segment is missing between two others",
+            });
+        }
         let mut states = BTreeMap::new();
         let mut buf = Vec::new();
         let active = match ids.split_last() {
@@ -597,6 +610,11 @@ impl Segments {
             Some(e) => Err(e),
             None => Ok(freed),
         }
+    }
+
+    /// The id of the active segment (where an append queued now will go, or a later one).
+    pub fn active_id(&self) -> u64 {
+        lock(&self.shared().segments).keys().next_back().copied().unwrap_or(1)
     }
 
     /// The total size of the segments on disk, in bytes.
@@ -968,11 +986,24 @@ fn open_last(dir: &Path, id: u64, payload: &mut Vec<u8>) -> Result<Active, Segme
                 Frame::Record(_) => {}
                 Frame::End => break,
                 Frame::Bad { offset, why } => {
+                    let dropped = file_len - offset;
+                    // A crash tears at most what was written since the last fsync: a batch, or the lazy records
+                    // of about a second. Much more than that is damage, not a crash: refuse to cut it.
+                    if dropped > MAX_TORN_TAIL {
+                        return Err(SegmentError::Corrupt { path, offset, why });
+                    }
+                    // Kept aside, not destroyed: a flipped byte looks like a torn write, and what follows it may
+                    // be worth recovering by hand.
+                    let aside = path.with_extension(format!("seg.torn-{offset}"));
+                    let mut tail = vec![0; usize::try_from(dropped).unwrap_or(0)];
+                    file.read_exact_at(&mut tail, offset).map_err(io)?;
+                    fs::write(&aside, &tail).map_err(|e| SegmentError::io(&aside, e))?;
                     tracing::warn!(
                         file = %path.display(),
                         offset,
-                        dropped_bytes = file_len - offset,
+                        dropped_bytes = dropped,
                         why,
+                        kept_in = %aside.display(),
                         "write log: cutting a torn tail off the last segment (a crash in the middle of a write)"
                     );
                     file.set_len(offset).map_err(io)?;
@@ -1309,6 +1340,46 @@ mod tests {
         assert_eq!(file_len(&tmp.segment(1)), positions[2].offset);
         assert_eq!(log.append(record(9), SyncMode::Now).await.expect("append"), positions[2]);
         log.close();
+    }
+
+    /// Found by an attack run: a flipped byte in the last segment was cut as a torn tail and every record after
+    /// it destroyed. What is cut is now kept beside the segment.
+    #[tokio::test]
+    async fn a_cut_tail_is_kept_aside() {
+        let tmp = TempDir::new("aside");
+        let log = tmp.open(1 << 20);
+        let mut positions = Vec::new();
+        for i in 0..5 {
+            positions.push(log.append(record(i), SyncMode::Now).await.expect("append"));
+        }
+        log.close();
+        let before = std::fs::read(tmp.segment(1)).expect("read");
+        flip_byte(&tmp.segment(1), positions[1].offset + FRAME_HEADER_BYTES + 1);
+        let log = tmp.open(1 << 20);
+        assert_eq!(replayed(&log).len(), 1);
+        log.close();
+        let aside = tmp.segment(1).with_extension(format!("seg.torn-{}", positions[1].offset));
+        let kept = std::fs::read(&aside).expect("the tail is kept aside");
+        let from = usize::try_from(positions[1].offset).expect("offset");
+        assert_eq!(kept.len(), before.len() - from);
+        assert_eq!(kept[FRAME_HEADER_BYTES as usize + 2..], before[from + FRAME_HEADER_BYTES as usize + 2..]);
+    }
+
+    /// Found by an attack run: a segment deleted from the middle was not noticed, and the writes in it were
+    /// missing without a word.
+    #[tokio::test]
+    async fn a_missing_middle_segment_is_corrupt() {
+        let tmp = TempDir::new("gap");
+        let log = tmp.open(256);
+        for i in 0..20 {
+            log.append(record(i), SyncMode::Now).await.expect("append");
+        }
+        assert!(log.segments().len() >= 3);
+        log.close();
+        std::fs::remove_file(tmp.segment(2)).expect("remove");
+        let err = Segments::open(tmp.config(256)).expect_err("a gap is refused");
+        assert!(matches!(err, SegmentError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[tokio::test]

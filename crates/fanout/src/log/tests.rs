@@ -58,6 +58,7 @@ conformance!(
     [
         queues_deliveries_and_dead_letters_survive_a_reopen,
         a_recovery_queues_every_write_since_t_again_in_order,
+        a_recovery_leaves_out_writes_every_backend_refused,
         at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given,
         only_the_newest_delivered_records_are_kept,
         dead_letters_redrive_and_discard_by_delivery,
@@ -75,6 +76,7 @@ conformance!(
         only_the_newest_delivered_records_are_kept,
         dead_letters_redrive_and_discard_by_delivery,
         a_recovery_queues_every_write_since_t_again_in_order,
+        a_recovery_leaves_out_writes_every_backend_refused,
     ]
 );
 
@@ -410,6 +412,13 @@ async fn disk_history_is_bounded_and_never_drops_a_pending_write() {
     }
     let kept = log.history();
     assert!(kept.oldest_ms.is_some());
+    // Found by an attack run: once a checkpoint filled a segment, every tick wrote a new one and dropped the
+    // last, so the log churned with no traffic at all. Quiet ticks change nothing now.
+    for _ in 0..5 {
+        log.tick(3_600_000, 100);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(log.history().bytes, kept.bytes, "quiet ticks leave the history alone");
     log.flush().await.expect("flush");
     log.close().await;
     let log = DiskLog::open(&dir, limits).expect("reopen");
@@ -481,4 +490,30 @@ async fn disk_history_after_a_recovery_and_many_large_answers_still_reopens() {
     assert!(keys.iter().all(|(_, r)| r.answer.as_ref().is_some_and(|a| a.body.len() == 60 * 1024)));
     log.close().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Found by an attack run: a recovery brought back a write every backend had refused (a password change for a
+/// user nobody knew), which then stayed a dead letter of the recovered backend for good, holding the history.
+async fn a_recovery_leaves_out_writes_every_backend_refused(kind: Kind) {
+    let log = kind.memory();
+    delivered_everywhere(&*log, 2).await;
+    let mut w = write(2);
+    w.accepted_at_ms = 1_002;
+    log.append(102, w, None).await.expect("append");
+    for b in POOL {
+        let row = DeadRow {
+            id: 102,
+            attempts: 1,
+            reason: "rejected".into(),
+            last_status: Some(404),
+            last_outcome: Some("rejected".into()),
+            at_ms: now_ms(),
+        };
+        log.settle(&label(b), 2, Settlement::Dead(row)).await;
+    }
+    assert_eq!(log.drop_refused(102).await.len(), 3);
+    let recovered = log.recover(&label("b:1"), 0).await.expect("recover");
+    assert_eq!(recovered.queued, 2, "{recovered:?}");
+    assert_eq!(seqs(&*log, "b:1").await, [0, 1]);
+    assert!(log.dead_letters(DeadFilter::default(), 10).await.expect("list").is_empty());
 }
