@@ -157,7 +157,7 @@ pub struct Config {
     pub history_window: Duration,
 
     /// Bytes of history kept at most (the oldest goes first; writes still pending or dead-lettered never go).
-    /// With `--no-outbox` the history is kept in memory, and at most 64MiB of it.
+    /// With `--no-outbox` the history is kept in memory, and at most 16MiB of it.
     #[arg(long, allow_hyphen_values = true, env = "HISTORY_MAX_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub history_max_bytes: ByteSize,
 
@@ -215,7 +215,7 @@ pub enum ConfigError {
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// The most history kept in memory with `--no-outbox`, whatever `--history-max-bytes` says.
-pub const MEMORY_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
+pub const MEMORY_HISTORY_BYTES: u64 = 16 * 1024 * 1024;
 
 impl Config {
     /// Checks what clap cannot, and returns the parsed backend pool.
