@@ -9,7 +9,6 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use common::{Fanout, eventually, fanout, post_form, replica, replicas, sample};
 use demo_backend::Settings;
-use futures_util::StreamExt;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -26,34 +25,9 @@ async fn metric(lb: &Fanout, series: &str) -> Option<f64> {
     sample(&lb.metrics_text().await, series)
 }
 
-/// Sends `users` register + changePassword pairs, each user's second write after its first was answered, with
-/// `concurrency` users at a time; returns how many writes got `201`.
+/// Sends `users` register + changePassword pairs (see [`common::write_users`]); returns how many got `201`.
 async fn register_and_change(lb: &Fanout, prefix: &str, users: usize, concurrency: usize) -> usize {
-    let client = common::client();
-    futures_util::stream::iter(0..users)
-        .map(|i| {
-            let client = client.clone();
-            let register = lb.url("/register");
-            let change = lb.url("/changePassword");
-            let name = format!("{prefix}{i}");
-            async move {
-                let mut ok = 0;
-                for (url, password) in [(register, "first"), (change, "second")] {
-                    let r = client
-                        .post(url)
-                        .header("content-type", "application/x-www-form-urlencoded")
-                        .body(format!("username={name}&password={password}"))
-                        .send()
-                        .await
-                        .expect("post");
-                    ok += usize::from(r.status() == StatusCode::CREATED);
-                }
-                ok
-            }
-        })
-        .buffer_unordered(concurrency)
-        .fold(0, |a, b| async move { a + b })
-        .await
+    common::write_users(lb.api, (0..users).map(|i| format!("{prefix}{i}")), &["first", "second"], concurrency).await
 }
 
 /// A backend down while 10,000 writes pile up for it. It gets the breaker's probes, not one retry loop per

@@ -11,7 +11,6 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use common::{Fanout, Replica, eventually, fanout, replicas, restart, sample};
 use demo_backend::Settings;
-use futures_util::StreamExt;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -20,41 +19,9 @@ fn admin(lb: &Fanout, path: &str) -> String {
     format!("http://{}{path}", lb.metrics)
 }
 
-/// Sends, for each of `users` users, the writes `passwords` in order (the first a register, the others
-/// password changes), each after the previous one was answered, `concurrency` users at a time; returns how many
-/// got `201`.
+/// `passwords` for users `user{i}` of `users` (see [`common::write_users`]).
 async fn write_users(api: SocketAddr, users: std::ops::Range<usize>, passwords: &[&str], concurrency: usize) -> usize {
-    let client = common::client();
-    futures_util::stream::iter(users)
-        .map(|i| {
-            let client = client.clone();
-            let urls: Vec<String> = passwords
-                .iter()
-                .enumerate()
-                .map(|(n, _)| {
-                    let route = if n == 0 && passwords.len() > 1 { "/register" } else { "/changePassword" };
-                    format!("http://{api}{route}")
-                })
-                .collect();
-            let passwords: Vec<String> = passwords.iter().map(|p| (*p).to_owned()).collect();
-            async move {
-                let mut ok = 0;
-                for (url, password) in urls.into_iter().zip(passwords) {
-                    let r = client
-                        .post(url)
-                        .header("content-type", "application/x-www-form-urlencoded")
-                        .body(format!("username=user{i}&password={password}"))
-                        .send()
-                        .await
-                        .expect("post");
-                    ok += usize::from(r.status() == StatusCode::CREATED);
-                }
-                ok
-            }
-        })
-        .buffer_unordered(concurrency)
-        .fold(0, |a, b| async move { a + b })
-        .await
+    common::write_users(api, users.map(|i| format!("user{i}")), passwords, concurrency).await
 }
 
 async fn drained(lb: &Fanout) {

@@ -151,6 +151,43 @@ pub async fn post_form(url: &str, form: &str) -> reqwest::Response {
         .expect("post")
 }
 
+/// Sends, for each user of `names`, the writes `passwords` in order (the first a register when there are
+/// several, the others password changes), each after the previous one was answered, `concurrency` users at a
+/// time, to the fanout API at `api`; returns how many got `201`.
+pub async fn write_users(
+    api: SocketAddr,
+    names: impl Iterator<Item = String>,
+    passwords: &[&str],
+    concurrency: usize,
+) -> usize {
+    use futures_util::StreamExt;
+    let client = client();
+    let passwords: Vec<String> = passwords.iter().map(|p| (*p).to_owned()).collect();
+    futures_util::stream::iter(names)
+        .map(|name| {
+            let client = client.clone();
+            let passwords = passwords.clone();
+            async move {
+                let mut ok = 0;
+                for (n, password) in passwords.iter().enumerate() {
+                    let route = if n == 0 && passwords.len() > 1 { "/register" } else { "/changePassword" };
+                    let r = client
+                        .post(format!("http://{api}{route}"))
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .body(format!("username={name}&password={password}"))
+                        .send()
+                        .await
+                        .expect("post");
+                    ok += usize::from(r.status() == reqwest::StatusCode::CREATED);
+                }
+                ok
+            }
+        })
+        .buffer_unordered(concurrency)
+        .fold(0, |a, b| async move { a + b })
+        .await
+}
+
 /// Polls `check` every 10 ms until it returns true or `within` passes; panics with `what` then.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
