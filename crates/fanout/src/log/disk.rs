@@ -221,6 +221,21 @@ impl State {
     }
 }
 
+/// A recovery's pin on the segments it reads (see `DiskLog::retain`), released when dropped.
+struct Pinned {
+    state: Arc<Mutex<State>>,
+    segment: u64,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let mut state = lock(&self.state);
+        if let Some(i) = state.recovering_from.iter().position(|p| *p == self.segment) {
+            state.recovering_from.swap_remove(i);
+        }
+    }
+}
+
 /// The durable write log in a directory. Share it behind an `Arc`.
 pub struct DiskLog {
     segments: Segments,
@@ -569,16 +584,13 @@ impl WriteLog for DiskLog {
         // Retention keeps what the scan reads until the writes it finds are held again.
         let pin = segments.segments().first().map_or(u64::MAX, |s| s.id);
         self.state().recovering_from.push(pin);
-        let unpin = move |state: &mut State| {
-            if let Some(i) = state.recovering_from.iter().position(|p| *p == pin) {
-                state.recovering_from.swap_remove(i);
-            }
-        };
+        // Unpinned however this ends: done, failed, or dropped unfinished (a worker stopping at shutdown).
+        let pinned = Pinned { state: state.clone(), segment: pin };
         let flushed = self.segments.flush();
         Box::pin(async move {
+            let _pinned = pinned;
             // The lazy records so far (writes refused everywhere among them) are in the files before the scan.
             if let Err(e) = flushed.await {
-                unpin(&mut lock(&state));
                 return Err(e.into());
             }
             // Every write the history holds since `since_ms`, without its body (read back when sent).
@@ -608,10 +620,7 @@ impl WriteLog for DiskLog {
             };
             let found = match scan.await.map_err(|e| LogError::Task(Arc::new(e))).and_then(|r| r) {
                 Ok(found) => found,
-                Err(e) => {
-                    unpin(&mut lock(&state));
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             };
             let mut found = found;
             found.sort_by_key(|(_, w, _)| w.seq);
@@ -626,7 +635,9 @@ impl WriteLog for DiskLog {
                     .map(|c| Record::Recover { backend: backend.to_string(), writes: c.to_vec() })
                     .collect();
                 let written = Self::durable(&segments, &records);
-                unpin(&mut state);
+                // The writes found are held now, and pin their own segments.
+                drop(state);
+                drop(_pinned);
                 (report, written)
             };
             written.await?;
