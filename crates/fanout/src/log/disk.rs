@@ -459,7 +459,7 @@ impl WriteLog for DiskLog {
 
     fn drop_refused(&self, id: u128) -> BoxFuture<'static, Vec<String>> {
         let mut state = self.state();
-        let (dropped, _) = state.index.drop_refused(id);
+        let dropped = state.index.drop_refused(id);
         if dropped.is_empty() {
             return Box::pin(ready(dropped));
         }
@@ -521,7 +521,7 @@ impl WriteLog for DiskLog {
     fn discard(&self, filter: DeadFilter) -> BoxFuture<'static, Result<Vec<(String, u64)>, LogError>> {
         let mut state = self.state();
         let rows = state.index.discardable(&filter);
-        let gone = state.index.discard(&rows).0;
+        let gone = state.index.discard(&rows);
         let records: Vec<Record> = gone.chunks(ROWS_PER_RECORD).map(|c| Record::Discard { rows: c.to_vec() }).collect();
         let written = Self::durable(&self.segments, &records);
         drop(state);

@@ -67,25 +67,6 @@ pub struct Index {
     recovered: u64,
 }
 
-/// What [`Index::release`] did with a delivery a backend let go of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Released {
-    /// Other backends still hold it.
-    Held,
-    /// No backend holds it any more: it left the index (its body was at this position, if on disk).
-    Finished(Option<Position>),
-}
-
-impl Released {
-    /// What removing `held` from the index made of it.
-    fn of(held: Option<Held>) -> Released {
-        match held.map(|h| h.body) {
-            Some(Body::Disk(at)) => Released::Finished(Some(at)),
-            _ => Released::Finished(None),
-        }
-    }
-}
-
 impl Index {
     /// Deliveries not finished on every backend, not counting those held again only for a recovery (a
     /// recovery's backlog must not hold back new writes at `--max-pending`; its progress has its own gauge).
@@ -94,12 +75,10 @@ impl Index {
     }
 
     /// Removes delivery `id`, keeping the count of recovery-only ones.
-    fn remove(&mut self, id: u128) -> Released {
-        let held = self.deliveries.remove(&id);
-        if held.as_ref().is_some_and(|h| h.recovered) {
+    fn remove(&mut self, id: u128) {
+        if self.deliveries.remove(&id).is_some_and(|h| h.recovered) {
             self.recovered -= 1;
         }
-        Released::of(held)
     }
 
     fn label(&mut self, label: &str) -> Arc<str> {
@@ -153,41 +132,38 @@ impl Index {
         }
     }
 
-    /// Backend `backend`'s entry `seq` settled; returns what became of its delivery when it was the last holder.
-    pub fn settle(&mut self, backend: &str, seq: u64, settlement: Settlement) -> Released {
+    /// Backend `backend`'s entry `seq` settled; its delivery leaves the index when it was the last holder.
+    pub fn settle(&mut self, backend: &str, seq: u64, settlement: Settlement) {
         let label = self.label(backend);
-        let Some(queue) = self.queues.get_mut(&label) else { return Released::Held };
+        let Some(queue) = self.queues.get_mut(&label) else { return };
         match settlement {
             Settlement::DueAgain(row) => {
                 // Only while still queued: a late record must not revive a finished entry.
                 if let Some(entry) = queue.get_mut(&seq) {
                     *entry = row;
                 }
-                Released::Held
             }
             Settlement::Delivered { id, row } => {
-                if queue.remove(&seq).is_none() {
-                    return Released::Held;
+                if queue.remove(&seq).is_some() {
+                    self.finish(id, label, row);
+                    self.release(id);
                 }
-                self.finish(id, label, row);
-                self.release(id)
             }
             Settlement::Dead(row) => {
                 if queue.remove(&seq).is_some() {
                     self.dead.insert((label, seq), row);
                 }
-                Released::Held
             }
         }
     }
 
-    fn release(&mut self, id: u128) -> Released {
-        let Some(held) = self.deliveries.get_mut(&id) else { return Released::Held };
+    /// One backend let go of delivery `id`; with none left holding it, it leaves the index.
+    fn release(&mut self, id: u128) {
+        let Some(held) = self.deliveries.get_mut(&id) else { return };
         held.refs = held.refs.saturating_sub(1);
-        if held.refs > 0 {
-            return Released::Held;
+        if held.refs == 0 {
+            self.remove(id);
         }
-        self.remove(id)
     }
 
     fn finish(&mut self, id: u128, backend: Arc<str>, row: DeliveredRow) {
@@ -264,11 +240,9 @@ impl Index {
         self.matching_dead(filter).into_iter().map(|(b, seq)| (b.to_string(), seq)).collect()
     }
 
-    /// Deletes the given dead letters (their outcome stays, as discarded); returns those deleted and the
-    /// positions of the deliveries that thereby finished.
-    pub fn discard(&mut self, rows: &[(String, u64)]) -> (Vec<(String, u64)>, Vec<Released>) {
+    /// Deletes the given dead letters (their outcome stays, as discarded); returns those deleted.
+    pub fn discard(&mut self, rows: &[(String, u64)]) -> Vec<(String, u64)> {
         let mut gone = Vec::new();
-        let mut released = Vec::new();
         for (b, seq) in rows {
             let label = self.label(b);
             let Some(row) = self.dead.remove(&(label.clone(), *seq)) else { continue };
@@ -281,22 +255,22 @@ impl Index {
                 .and_then(|p| u16::try_from(p).ok())
                 .unwrap_or(u16::MAX);
             self.finish(row.id, label, DeliveredRow { attempts: row.attempts, status: 0, position });
-            released.push(self.release(row.id));
+            self.release(row.id);
             gone.push((b.clone(), *seq));
         }
-        (gone, released)
+        gone
     }
 
     /// When every backend refused delivery `id`, drops its dead letters and keeps the refusals as its outcome;
-    /// returns the backends (empty when it was not refused everywhere) and what became of the delivery.
-    pub fn drop_refused(&mut self, id: u128) -> (Vec<String>, Released) {
-        let Some(held) = self.deliveries.get(&id) else { return (Vec::new(), Released::Held) };
+    /// returns the backends (empty when it was not refused everywhere).
+    pub fn drop_refused(&mut self, id: u128) -> Vec<String> {
+        let Some(held) = self.deliveries.get(&id) else { return Vec::new() };
         let (seq, backends) = (held.seq, held.backends.clone());
         let mut refused = Vec::new();
         for b in backends.iter() {
-            let Some(row) = self.dead.get(&(b.clone(), seq)) else { return (Vec::new(), Released::Held) };
+            let Some(row) = self.dead.get(&(b.clone(), seq)) else { return Vec::new() };
             if row.reason != "rejected" {
-                return (Vec::new(), Released::Held);
+                return Vec::new();
             }
             refused.push((b.clone(), row.clone()));
         }
@@ -306,8 +280,8 @@ impl Index {
             let position = u16::try_from(position).unwrap_or(u16::MAX);
             self.finish(id, b.clone(), DeliveredRow { attempts: row.attempts, status, position });
         }
-        let released = self.remove(id);
-        (refused.into_iter().map(|(b, _)| b.to_string()).collect(), released)
+        self.remove(id);
+        refused.into_iter().map(|(b, _)| b.to_string()).collect()
     }
 
     /// Up to `limit` pending entries of `backend` not in `skip` and with an order below `below` (if given),

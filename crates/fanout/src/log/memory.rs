@@ -135,7 +135,7 @@ impl WriteLog for MemoryLog {
 
     fn drop_refused(&self, id: u128) -> BoxFuture<'static, Vec<String>> {
         let mut state = self.state();
-        let dropped = state.index.drop_refused(id).0;
+        let dropped = state.index.drop_refused(id);
         if !dropped.is_empty() && self.limits.is_some_and(|l| l.max_bytes > 0) {
             state.refused.insert(id);
         }
@@ -177,7 +177,7 @@ impl WriteLog for MemoryLog {
     fn discard(&self, filter: DeadFilter) -> BoxFuture<'static, Result<Vec<(String, u64)>, LogError>> {
         let mut state = self.state();
         let rows = state.index.discardable(&filter);
-        Box::pin(ready(Ok(state.index.discard(&rows).0)))
+        Box::pin(ready(Ok(state.index.discard(&rows))))
     }
 
     fn view(&self, id: u128) -> BoxFuture<'static, Result<Option<DeliveryView>, LogError>> {

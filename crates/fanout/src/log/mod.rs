@@ -216,11 +216,6 @@ pub struct HistoryLimits {
     pub max_bytes: u64,
 }
 
-impl HistoryLimits {
-    /// No history at all (tests that do not need it).
-    pub const NONE: HistoryLimits = HistoryLimits { window_ms: 0, max_bytes: 0 };
-}
-
 /// What the history holds, for the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HistoryStats {
