@@ -103,6 +103,16 @@ for i in 1 2 3; do
   wait_http "server$i" "http://127.0.0.1:$port/healthz"
 done
 
+# The admin token (the admin routes that change state need it): made once per RUN_DIR, readable by its owner only,
+# unless ADMIN_TOKEN_FILE names another.
+if [ -z "${ADMIN_TOKEN_FILE:-}" ]; then
+  ADMIN_TOKEN_FILE="$RUN_DIR/admin-token"
+  if [ ! -s "$ADMIN_TOKEN_FILE" ]; then
+    (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$ADMIN_TOKEN_FILE")
+  fi
+fi
+export ADMIN_TOKEN_FILE
+
 BACKEND_POOL=$(IFS=,; echo "${pool[*]}") LISTEN_ADDR="127.0.0.1:$FANOUT_PORT" METRICS_PORT="$FANOUT_METRICS_PORT" \
   DATA_DIR=${DATA_DIR-$RUN_DIR/data} start fanout "$bin/fanout"
 wait_http fanout "http://127.0.0.1:$FANOUT_PORT/healthz"
@@ -123,6 +133,7 @@ The stack is up (logs in ${RUN_DIR#"$root"/}/logs/):
   fanout metrics $lb/metrics    (also http://127.0.0.1:$FANOUT_METRICS_PORT/metrics)
   fanout API     http://127.0.0.1:$FANOUT_PORT   (GET /deliveries/{id})
   backends       ${pool[*]}   (flaky: server${FLAKY_BACKENDS:-none}; GET /users on each)
+  admin          http://127.0.0.1:$FANOUT_METRICS_PORT   (dead letters, recoveries; the token is in ${ADMIN_TOKEN_FILE#"$root"/})
 
 Try:
   curl $lb/login

@@ -178,6 +178,34 @@ pub struct Config {
     /// Log line format; `RUST_LOG` filters what is logged.
     #[arg(long, allow_hyphen_values = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// A file holding the admin token (one line, at least 16 characters): the admin routes that change state
+    /// (redrive, delete, recover) need `Authorization: Bearer <token>`. Without a token they answer 403.
+    #[arg(long, allow_hyphen_values = true, env = "ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The admin token itself, for where a file is awkward (prefer `--admin-token-file`: a flag's value shows in
+    /// `ps`). Read from the environment variable ADMIN_TOKEN.
+    #[arg(long, allow_hyphen_values = true, env = "ADMIN_TOKEN", hide_env_values = true, hide = true)]
+    pub admin_token: Option<String>,
+
+    /// A connection must send a request's headers within this long of its first byte, or it is closed.
+    #[arg(long, allow_hyphen_values = true, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// A kept-alive connection with no request for this long is closed. Keep it longer than nginx's upstream
+    /// `keepalive_timeout` (60s by default), or nginx sends on connections fanout is closing.
+    #[arg(long, allow_hyphen_values = true, env = "IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A request's whole body must arrive within this long of its headers (a deadline, not a per-read timeout).
+    #[arg(long, allow_hyphen_values = true, env = "BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Connections the API listener holds open at most; one more is answered `503` and closed. Lowered at start
+    /// to what the open-files limit allows.
+    #[arg(long, allow_hyphen_values = true, env = "MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
 /// A configuration that parsed but cannot run. The message names the flag and its environment variable.
@@ -205,6 +233,9 @@ pub enum ConfigError {
     /// `--initial-backoff` is larger than `--max-backoff`.
     #[error("--initial-backoff (INITIAL_BACKOFF) must not exceed --max-backoff (MAX_BACKOFF)")]
     BackoffOrder,
+    /// The admin token cannot be read or is too weak; the message names the flag.
+    #[error("{0}")]
+    AdminToken(String),
     /// `--metrics-port` is the port of `--listen`.
     #[error("--metrics-port (METRICS_PORT) must differ from the port of --listen (LISTEN_ADDR)")]
     PortClash,
@@ -213,6 +244,9 @@ pub enum ConfigError {
 /// Longest accepted duration for any duration flag: one day. Larger values are typing mistakes, and durations
 /// near `u64::MAX` seconds overflow timers.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The shortest admin token accepted, in characters.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 /// The most history kept in memory with `--no-outbox`, whatever `--history-max-bytes` says.
 pub const MEMORY_HISTORY_BYTES: u64 = 16 * 1024 * 1024;
@@ -227,6 +261,9 @@ impl Config {
             if ok { Ok(()) } else { Err(ConfigError::OutOfRange { flag, env, rule }) }
         };
         for (value, flag, env) in [
+            (self.header_timeout, "header-timeout", "HEADER_TIMEOUT"),
+            (self.idle_timeout, "idle-timeout", "IDLE_TIMEOUT"),
+            (self.body_timeout, "body-timeout", "BODY_TIMEOUT"),
             (self.initial_backoff, "initial-backoff", "INITIAL_BACKOFF"),
             (self.max_backoff, "max-backoff", "MAX_BACKOFF"),
             (self.max_jitter, "max-jitter", "MAX_JITTER"),
@@ -284,6 +321,21 @@ impl Config {
             "between 1 and 1000000 (a floor of 0 would leave retries waiting for good once traffic stops)",
         )?;
 
+        for (value, flag, env) in [
+            (self.header_timeout, "header-timeout", "HEADER_TIMEOUT"),
+            (self.idle_timeout, "idle-timeout", "IDLE_TIMEOUT"),
+            (self.body_timeout, "body-timeout", "BODY_TIMEOUT"),
+        ] {
+            range(!value.is_zero(), flag, env, "greater than 0")?;
+        }
+        range(
+            (1..=1_000_000).contains(&self.max_connections),
+            "max-connections",
+            "MAX_CONNECTIONS",
+            "between 1 and 1000000",
+        )?;
+        self.admin_token()?;
+
         let entries: Vec<&str> = self.backends.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
         if entries.is_empty() {
             return Err(ConfigError::NoBackends);
@@ -311,6 +363,36 @@ impl Config {
             window_ms: u64::try_from(self.history_window.as_millis()).unwrap_or(u64::MAX),
             max_bytes: if self.no_outbox { max_bytes.min(MEMORY_HISTORY_BYTES) } else { max_bytes },
         }
+    }
+
+    /// The admin token from `--admin-token-file` or `ADMIN_TOKEN` (the file wins when both are set), or `None`.
+    ///
+    /// # Errors
+    /// [`ConfigError::AdminToken`] when the file cannot be read, or the token is shorter than
+    /// [`MIN_ADMIN_TOKEN`] characters, spans lines or holds whitespace.
+    pub fn admin_token(&self) -> Result<Option<crate::auth::AdminToken>, ConfigError> {
+        let (text, flag) = match (&self.admin_token_file, &self.admin_token) {
+            (Some(path), _) => (
+                std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::AdminToken(format!("--admin-token-file (ADMIN_TOKEN_FILE) {}: {e}", path.display()))
+                })?,
+                "--admin-token-file (ADMIN_TOKEN_FILE)",
+            ),
+            (None, Some(token)) => (token.clone(), "ADMIN_TOKEN"),
+            (None, None) => return Ok(None),
+        };
+        // A trailing newline (echo > file) is not part of the token.
+        let token = text.strip_suffix('\n').unwrap_or(&text);
+        let token = token.strip_suffix('\r').unwrap_or(token);
+        if token.chars().any(char::is_whitespace) {
+            return Err(ConfigError::AdminToken(format!("{flag}: the token must be one line without spaces")));
+        }
+        if token.chars().count() < MIN_ADMIN_TOKEN {
+            return Err(ConfigError::AdminToken(format!(
+                "{flag}: the token must be at least {MIN_ADMIN_TOKEN} characters (e.g. `openssl rand -hex 32`)"
+            )));
+        }
+        Ok(Some(crate::auth::AdminToken::new(token)))
     }
 
     /// The address of the metrics listener: the IP of `--listen` with `--metrics-port`.

@@ -50,6 +50,15 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The view for the API port, which faces clients: each backend's part in pool order, without its address
+    /// (the admin port's `GET /deliveries/{id}` names them).
+    pub fn redacted(mut self) -> Self {
+        for b in &mut self.backends {
+            b.backend.clear();
+        }
+        self
+    }
+
     /// The summary of a delivery as stored.
     pub fn from_view(id: Uuid, view: DeliveryView) -> Self {
         let backends = view.backends;

@@ -17,11 +17,13 @@
 //! - [`log`]: the write log, the one seam to storage: accepted writes, queues, dead letters, idempotency records.
 //! - [`replay`]: idempotent client replay by `Idempotency-Key`.
 //! - [`routes`]: the axum routers and the error type clients see.
+//! - [`auth`]: the admin token the state-changing admin routes need.
 //! - [`metrics`]: every metric name and HELP text.
 //!
 //! [`run`] is the seam: `main` and the tests call it with a config and two bound listeners.
 
 pub mod attempt;
+pub mod auth;
 pub mod backend;
 pub mod backoff;
 pub mod breaker;
@@ -169,6 +171,7 @@ pub async fn run(
         backends = %config.backends.join(","),
         ack = config.ack.as_str(),
         max_attempts = config.max_attempts,
+        admin_actions = if config.admin_token_file.is_some() || config.admin_token.is_some() { "token" } else { "disabled" },
         data_dir = %config.outbox_dir().map_or_else(|| "(in memory)".to_owned(), |d| d.display().to_string()),
         "fanout listening"
     );
@@ -181,7 +184,7 @@ pub async fn run(
             .into_future(),
     );
     let metrics_server = tokio::spawn(
-        axum::serve(metrics_listener, routes::admin_router(metrics.clone(), dispatcher.clone()))
+        axum::serve(metrics_listener, routes::admin_router(metrics.clone(), dispatcher.clone(), config.admin_token()?))
             .with_graceful_shutdown(signalled(metrics_stopped))
             .into_future(),
     );

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::attempt::Answer;
+use crate::auth::AdminToken;
 use crate::config::AckPolicy;
 use crate::delivery::{Dispatcher, Reply, SubmitError, Summary};
 use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
@@ -89,6 +90,15 @@ pub enum ApiError {
     /// A bad query string on an admin route.
     #[error("bad query: {0}")]
     BadQuery(String),
+    /// A state-changing admin route, and no admin token is configured.
+    #[error(
+        "admin actions are disabled: start fanout with --admin-token-file (ADMIN_TOKEN_FILE) and send \
+         Authorization: Bearer <token>"
+    )]
+    AdminDisabled,
+    /// A state-changing admin route without the admin token.
+    #[error("this admin action needs Authorization: Bearer <the token of --admin-token-file>")]
+    Unauthorized,
     /// The dispatcher dropped the reply without a decision (a worker panicked); the delivery state is unknown.
     #[error("internal error")]
     Internal,
@@ -108,6 +118,8 @@ impl IntoResponse for ApiError {
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyInProgress | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::AdminDisabled => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &self {
@@ -122,6 +134,9 @@ impl IntoResponse for ApiError {
             ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable | ApiError::KeyInProgress
         ) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -155,8 +170,13 @@ pub fn api_router(state: AppState, max_body: usize) -> Router {
 /// 0.0.4), `GET /healthz`, `GET /dead-letters[?backend=B&limit=N]`, `POST /dead-letters/{id}/redrive[?backend=B]`,
 /// `POST /dead-letters/redrive[?backend=B]` (every backend without `backend`), `DELETE /dead-letters/{id}
 /// [?backend=B]` and `DELETE /dead-letters?backend=B` (a bulk delete must name its backend); `POST
-/// /recoveries?backend=B&since=T` (T: RFC 3339, or a duration ago such as `1h`) and `GET /recoveries`.
-pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher) -> Router {
+/// /recoveries?backend=B&since=T` (T: RFC 3339, or a duration ago such as `1h`) and `GET /recoveries`;
+/// `GET /deliveries/{id}` with every backend's address.
+///
+/// The routes that change state (`POST`, `DELETE`) need `Authorization: Bearer <token>` ([`AdminToken`]):
+/// `401` without it, `403` when fanout has no token configured. The rest only reads and stays open, like
+/// `/metrics`, for whoever reaches this private port.
+pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher, token: Option<AdminToken>) -> Router {
     let metrics_route = get(|State(a): State<Admin>| async move {
         // Read at scrape time: the store's count is exact, a periodic copy would lag.
         a.metrics.in_flight().set(a.dispatcher.unfinished() as f64);
@@ -172,14 +192,16 @@ pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher) -> Router {
         .route("/dead-letters/redrive", post(redrive_all))
         .route("/dead-letters/{id}/redrive", post(redrive_one))
         .route("/recoveries", get(list_recoveries).post(start_recovery))
+        .route("/deliveries/{id}", get(admin_delivery))
         .fallback(not_found)
-        .with_state(Admin { metrics, dispatcher })
+        .with_state(Admin { metrics, dispatcher, token })
 }
 
 #[derive(Clone)]
 struct Admin {
     metrics: Metrics,
     dispatcher: Dispatcher,
+    token: Option<AdminToken>,
 }
 
 /// Dead letters listed per call at most, and by default.
@@ -194,6 +216,15 @@ struct DeadLetterQuery {
 }
 
 impl Admin {
+    /// Lets a state-changing request through only with the admin token.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match &self.token {
+            None => Err(ApiError::AdminDisabled),
+            Some(token) if token.allows(headers) => Ok(()),
+            Some(_) => Err(ApiError::Unauthorized),
+        }
+    }
+
     /// The backend filter, checked against the pool.
     fn backend(&self, backend: Option<String>) -> Result<Option<String>, ApiError> {
         match backend {
@@ -229,8 +260,10 @@ struct RedriveQuery {
 
 async fn redrive_all(
     State(admin): State<Admin>,
+    headers: HeaderMap,
     q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    admin.authorize(&headers)?;
     let backend = admin.backend(query(q)?.backend)?;
     let n = admin.dispatcher.redrive(backend, None).await.map_err(|_| ApiError::StoreUnavailable)?;
     Ok(Json(json!({ "redriven": n })).into_response())
@@ -238,9 +271,11 @@ async fn redrive_all(
 
 async fn redrive_one(
     State(admin): State<Admin>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    admin.authorize(&headers)?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NoDeadLetter)?;
     let backend = admin.backend(query(q)?.backend)?;
     let n = admin.dispatcher.redrive(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
@@ -252,8 +287,10 @@ async fn redrive_one(
 
 async fn discard_all(
     State(admin): State<Admin>,
+    headers: HeaderMap,
     q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    admin.authorize(&headers)?;
     let backend = query(q)?.backend.ok_or_else(|| {
         ApiError::BadQuery("name the backend whose dead letters to delete: ?backend=host:port".to_owned())
     })?;
@@ -265,9 +302,11 @@ async fn discard_all(
 
 async fn discard_one(
     State(admin): State<Admin>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    admin.authorize(&headers)?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NoDeadLetter)?;
     let backend = query(q)?.backend;
     let n = admin.dispatcher.discard(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
@@ -305,8 +344,10 @@ fn since_ms(since: &str, now_ms: u64) -> Result<u64, ApiError> {
 /// Starts recovering a backend: `202` with its status once the writes since `since` are queued for it.
 async fn start_recovery(
     State(admin): State<Admin>,
+    headers: HeaderMap,
     q: Result<Query<RecoverQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    admin.authorize(&headers)?;
     let q = query(q)?;
     let backend = admin
         .backend(q.backend)?
@@ -372,9 +413,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// `GET /deliveries/{id}` on the API port: the delivery's progress without the backends' addresses (this
+/// port faces clients; the admin port's route shows them).
 async fn delivery(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::UnknownDelivery)?;
     let summary = state.dispatcher.lookup(id).await.map_err(|_| ApiError::StoreUnavailable)?;
+    Ok(Json(summary.ok_or(ApiError::UnknownDelivery)?.redacted()).into_response())
+}
+
+/// `GET /deliveries/{id}` on the admin port: the whole view, every backend named.
+async fn admin_delivery(State(admin): State<Admin>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::UnknownDelivery)?;
+    let summary = admin.dispatcher.lookup(id).await.map_err(|_| ApiError::StoreUnavailable)?;
     Ok(Json(summary.ok_or(ApiError::UnknownDelivery)?).into_response())
 }
 
@@ -464,7 +514,7 @@ async fn write(
 /// `Location: /deliveries/{id}`.
 async fn progress(state: &AppState, id: Uuid) -> Response {
     let body = match state.dispatcher.lookup(id).await {
-        Ok(Some(summary)) => serde_json::to_value(summary).unwrap_or_default(),
+        Ok(Some(summary)) => serde_json::to_value(summary.redacted()).unwrap_or_default(),
         _ => json!({ "delivery_id": id, "state": "pending" }),
     };
     let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
@@ -494,7 +544,7 @@ fn answer(decision: Decision, policy: AckPolicy, progress: &Summary) -> StoredAn
     let summary = |code: StatusCode| StoredAnswer {
         status: code.as_u16(),
         content_type: Some("application/json".to_owned()),
-        body: serde_json::to_vec(progress).unwrap_or_default(),
+        body: serde_json::to_vec(&progress.clone().redacted()).unwrap_or_default(),
     };
     let backend = |a: Answer| StoredAnswer {
         status: a.status.as_u16(),

@@ -132,7 +132,7 @@ async fn a_write_a_backend_rejects_is_a_dead_letter_at_once_and_redrive_delivers
     // The admin routes are not on the API port, and bad input changes nothing.
     let on_api = reqwest::get(lb.url("/dead-letters")).await.expect("get");
     assert_eq!(on_api.status(), StatusCode::NOT_FOUND);
-    let client = common::client();
+    let client = common::admin_client();
     let unknown = client.post(admin(&lb, "/dead-letters/redrive?backend=nowhere:1")).send().await.expect("post");
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     let bad = reqwest::get(admin(&lb, "/dead-letters?limit=many")).await.expect("get");
@@ -211,7 +211,7 @@ async fn exhausted_attempts_are_dead_letters_the_list_and_metrics_agree_and_redr
     assert_eq!(pool[2].backend.writes_received(), 18, "3 attempts each, no more");
 
     pool[2].backend.set_down(None);
-    let client = common::client();
+    let client = common::admin_client();
     let redrive =
         client.post(admin(&lb, &format!("/dead-letters/redrive?backend={label}"))).send().await.expect("post");
     assert_eq!(redrive.json::<Value>().await.expect("json")["redriven"], 6);

@@ -138,15 +138,15 @@ async fn an_idempotency_key_is_recognised_after_a_restart() {
     let status = first.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status:?}");
 
-    let (_second, api, _) = procs::fanout_with_outbox(&addrs, FAST, &outbox);
+    let (_second, api, admin) = procs::fanout_with_outbox(&addrs, FAST, &outbox);
     let replay = send(api).await;
     assert_eq!(replay.status(), 201);
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(replay.headers()["x-delivery-id"], id.as_str());
     assert!(users(addrs[0]).await.users.iter().all(|u| u.version == 1));
-    // The delivery finished before the restart and is still known after it.
+    // The delivery finished before the restart and is still known after it (the admin port names the backends).
     let summary: serde_json::Value =
-        reqwest::get(format!("http://{api}/deliveries/{id}")).await.expect("get").json().await.expect("json");
+        reqwest::get(format!("http://{admin}/deliveries/{id}")).await.expect("get").json().await.expect("json");
     assert_eq!(summary["state"], "delivered", "{summary}");
     let backends: Vec<&str> =
         summary["backends"].as_array().expect("array").iter().filter_map(|b| b["backend"].as_str()).collect();

@@ -34,7 +34,7 @@ async fn drained(lb: &Fanout) {
 /// Starts a recovery of `replica` since `since`; returns its first status.
 async fn recover(lb: &Fanout, replica: &Replica, since: &str) -> Value {
     let url = admin(lb, &format!("/recoveries?backend={}&since={since}", replica.label()));
-    let resp = common::client().post(url).send().await.expect("post");
+    let resp = common::admin_client().post(url).send().await.expect("post");
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     resp.json().await.expect("json")
 }

@@ -418,7 +418,8 @@ pub enum BackendState {
 /// One backend's part of a delivery, as stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendView {
-    /// The backend as written in `--backends`.
+    /// The backend as written in `--backends`; empty (and left out of the JSON) in the view clients get.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub backend: String,
     /// Where it stands.
     pub state: BackendState,

@@ -102,7 +102,13 @@ impl Fanout {
 /// with real sockets: the clock would jump past every attempt timeout while a request is on the wire).
 pub const FAST: &[&str] = &["--initial-backoff", "10ms", "--max-backoff", "40ms", "--max-jitter", "0s"];
 
+/// fanout with an admin token ([`ADMIN_TOKEN`], unless `extra` gives one).
 pub async fn fanout(pool: &[&Replica], extra: &[&str]) -> Fanout {
+    fanout_with(pool, extra, Some(ADMIN_TOKEN)).await
+}
+
+/// fanout with the admin token `token`, or none at all.
+pub async fn fanout_with(pool: &[&Replica], extra: &[&str], token: Option<&str>) -> Fanout {
     let pool_arg = pool.iter().map(|r| r.label()).collect::<Vec<_>>().join(",");
     let data_dir = temp_dir("outbox");
     let data_arg = data_dir.to_str().expect("utf-8 temp dir").to_owned();
@@ -115,6 +121,9 @@ pub async fn fanout(pool: &[&Replica], extra: &[&str]) -> Fanout {
         if !extra.contains(&pair[0]) {
             args.extend_from_slice(pair);
         }
+    }
+    if let Some(token) = token.filter(|_| !extra.contains(&"--admin-token") && !extra.contains(&"--admin-token-file")) {
+        args.extend_from_slice(&["--admin-token", token]);
     }
     args.extend_from_slice(extra);
     let config = fanout::Config::try_parse_from(args).expect("test config parses");
@@ -135,6 +144,19 @@ pub fn temp_dir(what: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("fanout-test-{what}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
+}
+
+/// The admin token every test instance of fanout gets (unless the test passes its own `--admin-token`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// A client for the admin port that sends `Authorization: Bearer ADMIN_TOKEN`.
+pub fn admin_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {ADMIN_TOKEN}")).expect("header"),
+    );
+    reqwest::Client::builder().default_headers(headers).build().expect("client")
 }
 
 pub fn client() -> reqwest::Client {
