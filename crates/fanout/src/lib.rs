@@ -19,6 +19,8 @@
 //! - [`routes`]: the axum routers and the error type clients see.
 //! - [`auth`]: the admin token the state-changing admin routes need.
 //! - [`metrics`]: every metric name and HELP text.
+//! - [`listen`]: the listeners' accept loop: header, idle and body timeouts, the connection caps.
+//! - [`ratelog`]: at most one log line a second per kind of event that can come by the thousand.
 //!
 //! [`run`] is the seam: `main` and the tests call it with a config and two bound listeners.
 
@@ -30,15 +32,16 @@ pub mod breaker;
 pub mod config;
 pub mod delivery;
 pub mod forward;
+pub mod listen;
 pub mod log;
 pub mod metrics;
 pub mod queue;
+pub mod ratelog;
 pub mod replay;
 pub mod routes;
 pub mod tally;
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -163,7 +166,25 @@ pub async fn run(
         ordering_key,
     };
     let max_body = usize::try_from(config.max_body.as_u64()).unwrap_or(usize::MAX);
-    let api_router = routes::api_router(state, max_body);
+    let api_metrics = metrics.listener("api");
+    let api_router = routes::api_router(state, max_body, config.body_timeout, api_metrics.clone());
+    // Open files: the API's connections get what the backends' pools, the admin port and the log leave.
+    let nofile = listen::raise_open_files_limit();
+    let reserved = (pool_size * config.backend_concurrency + listen::ADMIN_MAX_CONNECTIONS) as u64;
+    let max_connections = listen::fitting_cap(config.max_connections, nofile, reserved);
+    if max_connections < config.max_connections {
+        tracing::warn!(
+            max_connections,
+            open_files_limit = nofile,
+            "--max-connections (MAX_CONNECTIONS) {} lowered to what the open-files limit allows (raise `ulimit -n`)",
+            config.max_connections
+        );
+    }
+    let limits = |max_connections| listen::Limits {
+        header_timeout: config.header_timeout,
+        idle_timeout: config.idle_timeout,
+        max_connections,
+    };
 
     tracing::info!(
         api = %api.local_addr()?,
@@ -178,16 +199,17 @@ pub async fn run(
 
     let (stop_api, api_stopped) = watch::channel(false);
     let (stop_metrics, metrics_stopped) = watch::channel(false);
-    let api_server = tokio::spawn(
-        axum::serve(api, api_router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(signalled(api_stopped))
-            .into_future(),
-    );
-    let metrics_server = tokio::spawn(
-        axum::serve(metrics_listener, routes::admin_router(metrics.clone(), dispatcher.clone(), config.admin_token()?))
-            .with_graceful_shutdown(signalled(metrics_stopped))
-            .into_future(),
-    );
+    let api_server =
+        tokio::spawn(listen::serve(api, api_router, "api", limits(max_connections), api_metrics, api_stopped));
+    let admin_router = routes::admin_router(metrics.clone(), dispatcher.clone(), config.admin_token()?);
+    let metrics_server = tokio::spawn(listen::serve(
+        metrics_listener,
+        admin_router,
+        "admin",
+        limits(listen::ADMIN_MAX_CONNECTIONS),
+        metrics.listener("admin"),
+        metrics_stopped,
+    ));
     let keep_delivered = config.delivery_history.saturating_mul(pool_size as u64);
     let upkeep = tokio::spawn({
         let metrics = metrics.clone();
@@ -234,9 +256,4 @@ pub async fn run(
 /// panics halfway through an update), so the data behind a poisoned lock is still good.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Resolves once the watch channel says stop (or its sender is gone).
-async fn signalled(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }

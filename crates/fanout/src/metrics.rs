@@ -60,6 +60,27 @@ pub const HISTORY_OLDEST: &str = "fanout_history_oldest_seconds";
 pub const RECOVERY_REMAINING: &str = "fanout_recovery_remaining";
 /// Writes queued again for a backend by recoveries (counter, per backend).
 pub const RECOVERED: &str = "fanout_recovered_writes_total";
+/// Connections open now, per listener (`api`, `admin`).
+pub const CONNECTIONS: &str = "fanout_connections";
+/// Connections fanout closed or refused on its own, per listener and reason.
+pub const CONNECTIONS_CLOSED: &str = "fanout_connections_closed_total";
+/// Writes refused with 503 because the write log could not store them.
+pub const STORE_FAILURES: &str = "fanout_store_failures_total";
+
+/// The series of one listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Closed: the headers did not arrive within `--header-timeout`.
+    pub header_timeout: Counter,
+    /// Closed: idle longer than `--idle-timeout`.
+    pub idle_timeout: Counter,
+    /// Answered `408` and closed: the body did not arrive within `--body-timeout`.
+    pub body_deadline: Counter,
+    /// Refused with `503`: the listener held its most connections.
+    pub over_limit: Counter,
+}
 
 /// Why a delivery to one backend became a dead letter (label `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +119,7 @@ struct Inner {
     total_failed: Counter,
     in_flight: Gauge,
     rejected: Counter,
+    store_failures: Counter,
     history_bytes: Gauge,
     history_oldest: Gauge,
     /// Handles of `fanout_requests_total` by (route, status) and of the duration histogram by route, registered
@@ -159,6 +181,20 @@ impl Metrics {
                 "Writes a recovering backend still has to catch up with (0 when it is not recovering).",
             ),
             (RECOVERED, Kind::Counter, None, "Writes queued again for a backend by recoveries."),
+            (CONNECTIONS, Kind::Gauge, None, "Connections open now, per listener (api, admin)."),
+            (
+                CONNECTIONS_CLOSED,
+                Kind::Counter,
+                None,
+                "Connections closed or refused by fanout, per listener and reason (header_timeout, idle_timeout, \
+                 body_deadline, over_limit).",
+            ),
+            (
+                STORE_FAILURES,
+                Kind::Counter,
+                None,
+                "Writes refused with 503 because the write log could not store them.",
+            ),
         ];
         for (name, kind, unit, help) in describe {
             let key = KeyName::from_const_str(name);
@@ -175,6 +211,7 @@ impl Metrics {
             total_failed: recorder.register_counter(&Key::from_static_name(TOTAL_FAILED), &METADATA),
             in_flight: recorder.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
             rejected: recorder.register_counter(&Key::from_static_name(REJECTED), &METADATA),
+            store_failures: recorder.register_counter(&Key::from_static_name(STORE_FAILURES), &METADATA),
             history_bytes: recorder.register_gauge(&Key::from_static_name(HISTORY_BYTES), &METADATA),
             history_oldest: recorder.register_gauge(&Key::from_static_name(HISTORY_OLDEST), &METADATA),
             request_counters: RwLock::default(),
@@ -187,6 +224,7 @@ impl Metrics {
         inner.total_failed.increment(0);
         inner.in_flight.set(0.0);
         inner.rejected.increment(0);
+        inner.store_failures.increment(0);
         inner.history_bytes.set(0.0);
         inner.history_oldest.set(0.0);
         Self { inner: Arc::new(inner) }
@@ -264,6 +302,31 @@ impl Metrics {
         self.inner.history_bytes.set(bytes as f64);
         let age = oldest_ms.map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
         self.inner.history_oldest.set(age);
+    }
+
+    /// The handles of one listener (`listener`: `api` or `admin`).
+    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        let r = &self.inner.recorder;
+        let closed = |reason: &'static str| {
+            let labels = vec![Label::new("listener", listener), Label::new("reason", reason)];
+            let c = r.register_counter(&Key::from_parts(CONNECTIONS_CLOSED, labels), &METADATA);
+            c.increment(0);
+            c
+        };
+        let open = r.register_gauge(&Key::from_parts(CONNECTIONS, vec![Label::new("listener", listener)]), &METADATA);
+        open.set(0.0);
+        ListenerMetrics {
+            open,
+            header_timeout: closed("header_timeout"),
+            idle_timeout: closed("idle_timeout"),
+            body_deadline: closed("body_deadline"),
+            over_limit: closed("over_limit"),
+        }
+    }
+
+    /// Counts one write refused because the write log could not store it.
+    pub fn store_failure(&self) {
+        self.inner.store_failures.increment(1);
     }
 
     /// Counts one write refused at the in-flight bound.

@@ -22,12 +22,9 @@ use crate::auth::AdminToken;
 use crate::config::AckPolicy;
 use crate::delivery::{Dispatcher, Reply, SubmitError, Summary};
 use crate::forward::{self, ForwardRequest, IDEMPOTENCY_KEY, X_DELIVERY_ID, X_REQUEST_ID};
-use crate::metrics::Metrics;
+use crate::metrics::{ListenerMetrics, Metrics};
 use crate::replay::{self, Check, KeyRecord, StoredAnswer};
 use crate::tally::Decision;
-
-/// How long a client may take between two pieces of its request body.
-pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -144,7 +141,7 @@ impl IntoResponse for ApiError {
 
 /// The API router: `POST /register`, `POST /changePassword`, `GET /`, `GET /healthz`, `GET /readyz`,
 /// `GET /deliveries/{id}`. Bodies larger than `max_body` bytes are refused with `413` before anything is sent.
-pub fn api_router(state: AppState, max_body: usize) -> Router {
+pub fn api_router(state: AppState, max_body: usize, body_timeout: Duration, listener: ListenerMetrics) -> Router {
     Router::new()
         .route("/register", post(write))
         .route("/changePassword", post(write))
@@ -154,8 +151,8 @@ pub fn api_router(state: AppState, max_body: usize) -> Router {
         .route("/deliveries/{id}", get(delivery))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
-        // A client that stops sending its body is cut off (nginx's client_body_timeout is 60 s as well).
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(CLIENT_BODY_TIMEOUT))
+        // A body must be in within --body-timeout of the headers, however it trickles.
+        .layer(middleware::from_fn_with_state((body_timeout, listener), crate::listen::body_deadline))
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
         // A 5xx we answer on purpose (503 at a bound, 502 when the ack policy cannot be met) is logged as a
         // warning, not an error: it is load or a backend's state, not a fault of fanout.
