@@ -301,3 +301,119 @@ async fn passwords_never_reach_a_log_even_in_a_query_string() {
         assert!(!lines.iter().any(|l| l.contains(secret)), "{secret} appears in a log");
     }
 }
+
+/// Sends one raw HTTP/1.1 request (the path exactly as given, no client-side normalisation) and returns the
+/// status and the whole answer.
+async fn raw(addr: SocketAddr, method: &str, path: &str, extra_headers: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n{extra_headers}\r\n"
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+fn body_of(answer: &str) -> &str {
+    answer.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+#[tokio::test]
+async fn nginx_forwards_only_the_routes_it_means_to_whatever_the_encoding() {
+    let args = [FAST, &["--max-attempts", "2", "--breaker-failures", "0"]].concat();
+    let mut stack = Stack::start(false, &args);
+    // A dead letter on the admin port (server3 is gone), which nothing below may list, redrive or delete.
+    stack.backends[2].0.kill();
+    let first = common::post_form(&stack.url("/register"), "username=keep&password=pw").await;
+    assert_eq!(first.status(), 201);
+    let dead_letters = format!("http://{}/dead-letters", stack.metrics);
+    eventually(Duration::from_secs(30), "a dead letter", || async {
+        let list: serde_json::Value = reqwest::get(&dead_letters).await.expect("get").json().await.expect("json");
+        list["count"] == 1
+    })
+    .await;
+
+    let attempts: &[(&str, &str)] = &[
+        ("DELETE", "/dead-letters/..%2Fmetrics"),
+        ("DELETE", "/metrics/..%2Fdead-letters?backend=x"),
+        ("GET", "/metrics/..%2Fdead-letters"),
+        ("GET", "/metrics%2F..%2Fdead-letters"),
+        ("POST", "/metrics/../dead-letters/redrive"),
+        ("GET", "/%2e%2e/dead-letters"),
+        ("GET", "//dead-letters"),
+        ("POST", "//dead-letters//redrive"),
+        ("POST", "/recoveries?backend=x&since=1h"),
+        ("POST", "/register/..%2F..%2Fdead-letters/redrive"),
+        ("POST", "/register%2F..%2Fdead-letters%2Fredrive"),
+        ("POST", "/changePassword/../dead-letters/redrive"),
+        ("GET", "/login/..%2Fdead-letters"),
+        ("GET", "/login%2F..%2F..%2Fdead-letters"),
+        ("GET", "/deliveries/..%2F..%2Fdead-letters"),
+        ("GET", "/deliveries/%2e%2e%2fdead-letters"),
+        ("GET", "/deliveries/00000000-0000-0000-0000-000000000000/..%2F..%2Fdead-letters"),
+        ("DELETE", "/deliveries/00000000-0000-7000-8000-000000000000"),
+        ("GET", "/nginx_status/..%2Fdead-letters"),
+        ("GET", "/./dead-letters"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+    ];
+    for (method, path) in attempts {
+        let (status, answer) = raw(stack.nginx, method, path, "").await;
+        let body = body_of(&answer);
+        // Nothing from the admin routes: no list, no redrive, no delete, not even their "not found".
+        for admin_word in ["dead_letters", "redriven", "discarded", "recoveries", "no dead letter", "recover"] {
+            assert!(!body.contains(admin_word), "{method} {path} reached an admin route: {answer}");
+        }
+        if !(200..300).contains(&status) {
+            let json: serde_json::Value =
+                serde_json::from_str(body).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {answer}"));
+            assert!(json["error"].is_string(), "{method} {path}: {answer}");
+        } else {
+            // Only what the location means: the metrics page (a path that normalises to /metrics).
+            assert!(body.contains("# TYPE"), "{method} {path}: {answer}");
+        }
+    }
+    let direct: serde_json::Value = reqwest::get(&dead_letters).await.expect("direct").json().await.expect("json");
+    assert_eq!(direct["count"], 1, "the dead letter is still there: {direct}");
+
+    // The API's delivery view passes, without backend addresses.
+    let id = first.headers()["x-delivery-id"].to_str().expect("id").to_owned();
+    let (status, answer) = raw(stack.nginx, "GET", &format!("/deliveries/{id}"), "").await;
+    assert_eq!(status, 200, "{answer}");
+    for (_, addr) in &stack.backends {
+        assert!(!answer.contains(&addr.to_string()), "{answer}");
+    }
+}
+
+#[tokio::test]
+async fn every_answer_nginx_makes_on_its_own_is_json() {
+    let mut stack = Stack::start(false, FAST);
+    let huge = format!("X-Huge: {}\r\n", "h".repeat(64 * 1024));
+    let cases: Vec<(&str, &str, String, u16)> = vec![
+        ("GET", "/nope", String::new(), 404),
+        ("PUT", "/login", String::new(), 403),
+        // nginx's own code for this is 494; the client sees 400 (with the JSON saying why).
+        ("GET", "/login", huge, 400),
+    ];
+    for (method, path, headers, expected) in cases {
+        let (status, answer) = raw(stack.nginx, method, path, &headers).await;
+        assert_eq!(status, expected, "{method} {path}: {answer}");
+        assert!(answer.to_ascii_lowercase().contains("content-type: application/json"), "{answer}");
+        let json: serde_json::Value = serde_json::from_str(body_of(&answer)).expect("json body");
+        assert!(json["error"].is_string());
+    }
+    // fanout down: nginx's own 502 is JSON too.
+    stack.fanout.kill();
+    let resp = common::post_form(&stack.url("/register"), "username=late&password=pw").await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let json: serde_json::Value = resp.json().await.expect("json");
+    assert!(json["error"].as_str().expect("error").contains("not answering"), "{json}");
+}
