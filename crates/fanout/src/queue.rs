@@ -1265,4 +1265,143 @@ mod tests {
         assert_eq!(found.await.expect("a dead letter within 10 s"), "undecodable");
         assert!(script.seen().is_empty(), "nothing was sent");
     }
+
+    /// The value of one series in `metrics`' exposition.
+    fn value(metrics: &Metrics, series: &str) -> Option<f64> {
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Waits on the paused clock, 1 ms at a time and at most `within`, until `done` holds.
+    async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + within;
+        while !done() {
+            assert!(Instant::now() < deadline, "not within {within:?} of paused time: {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Issue 14, finding 9: after an outage the queue waited for the next probe, up to `--max-backoff` (64 s)
+    /// away. The probe schedule is capped at `--probe-interval-max` (5 s here): a backend back up just after a
+    /// probe failed, the worst moment, gets its first write within 5 s, and then the whole queue.
+    #[tokio::test]
+    async fn after_an_hour_long_outage_a_backend_back_up_gets_its_queue_within_the_probe_cap() {
+        let down = Arc::new(AtomicBool::new(true));
+        let flag = down.clone();
+        let script = Script::new(move |backend, _, _| {
+            if backend == "b2:80" && flag.load(Ordering::Relaxed) { Outcome::Connect } else { Outcome::Success }
+        });
+        let queue = queue(5, 0.2, 10);
+        assert_eq!(queue.probe_interval_max, Duration::from_secs(5));
+        let (d, metrics) = dispatcher(settings(2, queue), &script).await;
+        let submitted: Vec<_> = (0..100).map(|u| submit(&d, &format!("user{u}"), 0)).collect();
+        for s in submitted {
+            s.reply.await.expect("answered by b1");
+        }
+        let open = "fanout_breaker_state{backend=\"b2:80\"}";
+        then_pause("the breaker opened", || value(&metrics, open) == Some(1.0)).await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let attempts = script.at("b2:80").len();
+        // Probes at 1, 2, 4 s, then every 5 s (not 64 s): about 720 in the hour.
+        assert!(attempts <= 5 + 64 + 3 + 3600 / 5 + 1, "{attempts} attempts in the outage");
+        assert!(attempts >= 3600 / 5, "{attempts} attempts in the outage: probes every 5 s");
+        until("a probe", Duration::from_secs(64), || script.at("b2:80").len() > attempts).await;
+        let back = Instant::now();
+        down.store(false, Ordering::Relaxed);
+        until("a write delivered to b2", Duration::from_secs(120), || {
+            script.at("b2:80").iter().any(|s| s.3 == Outcome::Success)
+        })
+        .await;
+        let first = script.at("b2:80").into_iter().find(|s| s.3 == Outcome::Success).expect("delivered").1;
+        let gap = (script.start + first).saturating_duration_since(back);
+        assert!(gap <= Duration::from_secs(5) + Duration::from_millis(2), "first delivery {gap:?} after the return");
+        finished(&d, Vec::new(), Duration::from_secs(60)).await;
+        assert_eq!(value(&metrics, open), Some(0.0));
+        assert_eq!(value(&metrics, "fanout_breaker_opens_total{backend=\"b2:80\",reason=\"no_answer\"}"), Some(1.0));
+    }
+
+    /// Issue 14, finding 9: a backend that fails one write in five opened the breaker whenever five failures came
+    /// in a row, pausing its queue. Here one attempt in five fails, in runs of ten (`500` answers): the failure
+    /// rate is far below `--breaker-failure-rate` and no run of unanswered attempts exists, so it never opens,
+    /// and every write is delivered.
+    #[tokio::test]
+    async fn a_backend_failing_one_attempt_in_five_in_runs_never_opens_the_breaker() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let script = Script::new(move |_, _, _| {
+            if counter.fetch_add(1, Ordering::Relaxed) % 50 < 10 { Outcome::Status5xx } else { Outcome::Success }
+        });
+        let (d, metrics) = dispatcher(settings(1, queue(5, 0.2, 10)), &script).await;
+        let submitted: Vec<_> = (0..2000).map(|u| submit(&d, &format!("user{u}"), 0)).collect();
+        then_pause("the first attempts", || script.seen().len() >= 2000).await;
+        finished(&d, submitted, Duration::from_secs(3600)).await;
+        let delivered = script.seen().iter().filter(|s| s.3 == Outcome::Success).count();
+        assert_eq!(delivered, 2000);
+        assert!(script.seen().len() > 2400, "a fifth of the attempts failed");
+        for reason in ["no_answer", "failure_rate"] {
+            let series = format!("fanout_breaker_opens_total{{backend=\"b1:80\",reason=\"{reason}\"}}");
+            assert_eq!(value(&metrics, &series), Some(0.0), "{series}");
+        }
+    }
+
+    /// Issue 14, finding 9: with `--max-attempts` equal to `--breaker-failures`, a write to a backend that
+    /// refuses connections used up its attempts (the last one opening the breaker) and became a dead letter. The
+    /// failure that opens the breaker uses up no attempt: the write waits, and is delivered once the backend is
+    /// back.
+    #[tokio::test]
+    async fn a_backend_refusing_connections_makes_no_dead_letter_with_attempts_at_the_breaker_threshold() {
+        let down = Arc::new(AtomicBool::new(true));
+        let flag = down.clone();
+        let script = Script::new(move |backend, _, _| {
+            if backend == "b2:80" && flag.load(Ordering::Relaxed) { Outcome::Connect } else { Outcome::Success }
+        });
+        let mut settings = settings(2, queue(5, 0.2, 10));
+        settings.max_attempts = 5;
+        let (d, metrics) = dispatcher(settings, &script).await;
+        let s = submit(&d, "ann", 0);
+        s.reply.await.expect("answered by b1");
+        then_pause("the first attempt on b2", || !script.at("b2:80").is_empty()).await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(value(&metrics, "fanout_breaker_state{backend=\"b2:80\"}"), Some(1.0));
+        assert_eq!(value(&metrics, "fanout_dead_letters{backend=\"b2:80\"}"), Some(0.0));
+        assert_eq!(value(&metrics, "fanout_pending_deliveries{backend=\"b2:80\"}"), Some(1.0));
+        down.store(false, Ordering::Relaxed);
+        finished(&d, Vec::new(), Duration::from_secs(60)).await;
+        assert_eq!(value(&metrics, "fanout_dead_letters_total{backend=\"b2:80\",reason=\"exhausted\"}"), Some(0.0));
+        let b2 = script.at("b2:80");
+        assert_eq!(b2.last().map(|s| s.3), Some(Outcome::Success));
+    }
+
+    /// Issue 14, finding 9: with the breaker off, retries to a dead backend came in blocks: every retry the
+    /// budget refused asked again exactly 100 ms later, all together, so each batch of tokens the budget handed
+    /// back went in one instant (and came back as one batch ten seconds later). Refused retries now ask again at
+    /// their own times, spread at about the budget's floor rate: no 100 ms of the hour holds a block.
+    #[tokio::test]
+    async fn retries_deferred_by_the_budget_spread_instead_of_marching_together() {
+        let script = Script::new(|_, _, _| Outcome::Connect);
+        let mut settings = settings(1, queue(0, 0.2, 10));
+        settings.backoff.max_jitter = Duration::from_millis(100);
+        let (d, _metrics) = dispatcher(settings, &script).await;
+        let _submitted: Vec<_> = (0..1000).map(|u| submit(&d, &format!("user{u}"), 0)).collect();
+        then_pause("the first attempts", || script.seen().len() >= 1000).await;
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        // Retries after the first round (which the budget's reserve lets through within the 100 ms jitter), per
+        // 100 ms of paused time.
+        let from = (start - script.start) + Duration::from_millis(1200);
+        let mut per_slot: HashMap<u128, usize> = HashMap::new();
+        let mut retries = 0;
+        for s in script.seen().into_iter().skip(1000).filter(|s| s.1 >= from) {
+            *per_slot.entry(s.1.as_millis() / 100).or_default() += 1;
+            retries += 1;
+        }
+        let busiest = per_slot.values().copied().max().unwrap_or(0);
+        // The budget lets about 15 retries a second through here (9,500 in 600 s; before, as many, but in
+        // blocks of 100 in one instant); spread, the busiest 100 ms holds about a dozen.
+        assert!(retries >= 4000, "{retries} retries in 600 s");
+        assert!(busiest <= 30, "{busiest} retries in one 100 ms slot ({retries} in all)");
+    }
 }
