@@ -26,6 +26,14 @@
 //!   do not close it: only the probe's does. Closing starts both rules afresh (an empty window, a zero count).
 //!
 //! Unlike Envoy and Hystrix nothing is failed fast: a paused queue keeps its writes.
+//!
+//! # The defaults
+//! `--breaker-failures 5`, `--breaker-failure-rate 0.8`, `--breaker-window 10s`, `--breaker-min-requests 20`,
+//! `--probe-interval-max 5s`. Five attempts without an answer in a row do not happen to a backend that answers.
+//! A backend that fails 20 % of its attempts at random shows 16 failures out of 20 with a probability of about
+//! 1e-8, and under load its window holds hundreds of attempts, where 80 % is out of reach; one failing half of
+//! them is still not paused under load (its retries get through, the retry budget bounds their cost). One probe
+//! every 5 s is no load for a backend, and bounds how long a recovered one waits for its queue.
 
 use std::collections::VecDeque;
 use std::time::Duration;
