@@ -1375,6 +1375,17 @@ mod tests {
         assert_eq!(b2.last().map(|s| s.3), Some(Outcome::Success));
     }
 
+    #[test]
+    fn a_deferred_retry_waits_longer_the_more_wait_with_it() {
+        assert_eq!(Worker::budget_wait(0, 10), BUDGET_WAIT, "alone, it asks again after 100 ms");
+        let waits: Vec<Duration> = (0..1000).map(|_| Worker::budget_wait(100, 10)).collect();
+        assert!(waits.iter().all(|w| (BUDGET_WAIT..=BUDGET_WAIT + Duration::from_secs(10)).contains(w)));
+        let late = waits.iter().filter(|w| **w > BUDGET_WAIT + Duration::from_secs(5)).count();
+        assert!((300..=700).contains(&late), "uniform over 10 s: {late} of 1000 past the middle");
+        let capped = Worker::budget_wait(1_000_000, 1);
+        assert!(capped <= BUDGET_WAIT + Duration::from_secs(60), "{capped:?}");
+    }
+
     /// Issue 14, finding 9: with the breaker off, retries to a dead backend came in blocks: every retry the
     /// budget refused asked again exactly 100 ms later, all together, so each batch of tokens the budget handed
     /// back went in one instant (and came back as one batch ten seconds later). Refused retries now ask again at
