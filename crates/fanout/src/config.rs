@@ -137,8 +137,9 @@ pub struct Config {
     #[arg(long, allow_hyphen_values = true, env = "BACKEND_CONCURRENCY", default_value_t = 64)]
     pub backend_concurrency: usize,
 
-    /// Consecutive transient failures after which a backend's circuit breaker opens: its queue pauses and one
-    /// probe goes out on the retry schedule. 0 disables the breaker.
+    /// Consecutive attempts that got no answer (refused or broken connection, timeout) after which a backend's
+    /// circuit breaker opens: its queue pauses and one probe at a time goes out. 0 disables the breaker. (A `5xx`
+    /// or `429` is an answer: such failures open it by `--breaker-failure-rate` only.)
     #[arg(long, allow_hyphen_values = true, env = "BREAKER_FAILURES", default_value_t = 5)]
     pub breaker_failures: u32,
 
@@ -150,6 +151,24 @@ pub struct Config {
     /// Retry budget floor: retries per second a backend may always get.
     #[arg(long, allow_hyphen_values = true, env = "RETRY_BUDGET_MIN_PER_SEC", default_value_t = 10)]
     pub retry_budget_min_per_sec: u32,
+
+    /// Share of a backend's attempts over `--breaker-window` that failed transiently (any kind), in (0, 1], at
+    /// which its breaker opens, once the window holds `--breaker-min-requests` attempts.
+    #[arg(long, allow_hyphen_values = true, env = "BREAKER_FAILURE_RATE", default_value_t = 0.8)]
+    pub breaker_failure_rate: f64,
+
+    /// Sliding window of `--breaker-failure-rate`.
+    #[arg(long, allow_hyphen_values = true, env = "BREAKER_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    pub breaker_window: Duration,
+
+    /// Attempts the window must hold before `--breaker-failure-rate` may open the breaker.
+    #[arg(long, allow_hyphen_values = true, env = "BREAKER_MIN_REQUESTS", default_value_t = 20)]
+    pub breaker_min_requests: u32,
+
+    /// Cap of the wait between two probes of an open breaker (the probe schedule is the retry schedule by probe
+    /// number, capped here rather than at `--max-backoff`), so that a backend back up is noticed quickly.
+    #[arg(long, allow_hyphen_values = true, env = "PROBE_INTERVAL_MAX", default_value = "5s", value_parser = parse_duration)]
+    pub probe_interval_max: Duration,
 
     /// How long every accepted write is kept in the write log, delivered or not, so that a backend can be
     /// recovered (`POST /recoveries?backend=B&since=T` on the admin port): at most 30 days.
@@ -236,6 +255,12 @@ pub enum ConfigError {
     /// The admin token cannot be read or is too weak; the message names the flag.
     #[error("{0}")]
     AdminToken(String),
+    /// `--max-attempts` is below `--breaker-failures`: a refused connection would use up a write's attempts before
+    /// the breaker could open.
+    #[error(
+        "--max-attempts (MAX_ATTEMPTS) must be at least --breaker-failures (BREAKER_FAILURES), or a backend that refuses connections turns writes into dead letters before its breaker opens; lower BREAKER_FAILURES or set it to 0"
+    )]
+    AttemptsBelowBreaker,
     /// `--metrics-port` is the port of `--listen`.
     #[error("--metrics-port (METRICS_PORT) must differ from the port of --listen (LISTEN_ADDR)")]
     PortClash,
@@ -271,6 +296,8 @@ impl Config {
             (self.ack_timeout, "ack-timeout", "ACK_TIMEOUT"),
             (self.pool_idle_timeout, "pool-idle-timeout", "POOL_IDLE_TIMEOUT"),
             (self.shutdown_timeout, "shutdown-timeout", "SHUTDOWN_TIMEOUT"),
+            (self.breaker_window, "breaker-window", "BREAKER_WINDOW"),
+            (self.probe_interval_max, "probe-interval-max", "PROBE_INTERVAL_MAX"),
         ] {
             range(value <= MAX_DURATION, flag, env, "at most 1 day (24h)")?;
         }
@@ -320,6 +347,29 @@ impl Config {
             "RETRY_BUDGET_MIN_PER_SEC",
             "between 1 and 1000000 (a floor of 0 would leave retries waiting for good once traffic stops)",
         )?;
+        range(
+            self.breaker_failure_rate > 0.0 && self.breaker_failure_rate <= 1.0,
+            "breaker-failure-rate",
+            "BREAKER_FAILURE_RATE",
+            "greater than 0 and at most 1 (a share of attempts, e.g. 0.8)",
+        )?;
+        range(self.breaker_window >= Duration::from_millis(100), "breaker-window", "BREAKER_WINDOW", "at least 100ms")?;
+        range(
+            (1..=1_000_000).contains(&self.breaker_min_requests),
+            "breaker-min-requests",
+            "BREAKER_MIN_REQUESTS",
+            "between 1 and 1000000",
+        )?;
+        // Below this an open breaker would probe a dead backend in a tight loop.
+        range(
+            self.probe_interval_max >= Duration::from_millis(10),
+            "probe-interval-max",
+            "PROBE_INTERVAL_MAX",
+            "at least 10ms",
+        )?;
+        if self.breaker_failures > 0 && self.max_attempts < self.breaker_failures {
+            return Err(ConfigError::AttemptsBelowBreaker);
+        }
 
         for (value, flag, env) in [
             (self.header_timeout, "header-timeout", "HEADER_TIMEOUT"),
@@ -445,6 +495,10 @@ mod tests {
         assert_eq!(c.max_in_flight, 10_000);
         assert_eq!(c.breaker_failures, 5);
         assert_eq!(c.retry_budget_ratio, 0.2);
+        assert_eq!(c.breaker_failure_rate, 0.8);
+        assert_eq!(c.breaker_window, Duration::from_secs(10));
+        assert_eq!(c.breaker_min_requests, 20);
+        assert_eq!(c.probe_interval_max, Duration::from_secs(5));
         assert_eq!(c.metrics_addr(), "0.0.0.0:8000".parse().expect("addr"));
     }
 
@@ -525,6 +579,16 @@ mod tests {
             (&["--backends", "a:1", "--shutdown-timeout", "25h"], "--shutdown-timeout"),
             (&["--backends", "a:1", "--listen", "127.0.0.1:9000", "--metrics-port", "9000"], "--metrics-port"),
             (&["--backends", "http://a:0"], "--backends"),
+            (&["--backends", "a:1", "--breaker-failure-rate", "0"], "--breaker-failure-rate"),
+            (&["--backends", "a:1", "--breaker-failure-rate", "1.5"], "--breaker-failure-rate"),
+            (&["--backends", "a:1", "--breaker-failure-rate", "NaN"], "--breaker-failure-rate"),
+            (&["--backends", "a:1", "--breaker-window", "10ms"], "--breaker-window"),
+            (&["--backends", "a:1", "--breaker-window", "2d"], "--breaker-window"),
+            (&["--backends", "a:1", "--breaker-min-requests", "0"], "--breaker-min-requests"),
+            (&["--backends", "a:1", "--probe-interval-max", "1ms"], "--probe-interval-max"),
+            (&["--backends", "a:1", "--probe-interval-max", "25h"], "--probe-interval-max"),
+            (&["--backends", "a:1", "--max-attempts", "3"], "--breaker-failures"),
+            (&["--backends", "a:1", "--max-attempts", "3", "--breaker-failures", "4"], "--max-attempts"),
         ];
         for (args, needle) in cases {
             let err = valid(args).expect_err(needle);
@@ -532,6 +596,13 @@ mod tests {
             assert!(line.contains(needle), "{args:?}: {line}");
             assert!(!line.contains('\n'), "one line: {line}");
         }
+    }
+
+    #[test]
+    fn attempts_below_the_breaker_are_fine_without_it_or_with_a_lower_threshold() {
+        assert!(valid(&["--backends", "a:1", "--max-attempts", "3", "--breaker-failures", "0"]).is_ok());
+        assert!(valid(&["--backends", "a:1", "--max-attempts", "3", "--breaker-failures", "3"]).is_ok());
+        assert!(valid(&["--backends", "a:1", "--max-attempts", "5"]).is_ok());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, R
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::backend::Outcome;
+use crate::breaker::Trip;
 
 /// Successful attempts (`201`) per backend; name and label from the original service.
 pub const TARGET_SUCCESS: &str = "target_domain_success_counter_total";
@@ -46,6 +47,8 @@ pub const OLDEST_PENDING: &str = "fanout_oldest_pending_seconds";
 pub const DEAD_LETTERS_NOW: &str = "fanout_dead_letters";
 /// A backend's circuit breaker: 0 closed, 1 open, 2 half-open.
 pub const BREAKER_STATE: &str = "fanout_breaker_state";
+/// Times a backend's circuit breaker opened, by the rule that opened it (`reason`: `no_answer`, `failure_rate`).
+pub const BREAKER_OPENS: &str = "fanout_breaker_opens_total";
 /// Retries a backend's retry budget deferred (each counted once however long it waited).
 pub const BUDGET_EXHAUSTED: &str = "fanout_retry_budget_exhausted_total";
 /// 1 when the backend's last attempt got an HTTP answer, 0 when it failed to connect, timed out or broke.
@@ -165,6 +168,12 @@ impl Metrics {
             (DEAD_LETTERS_NOW, Kind::Gauge, None, "Dead letters a backend holds now (until redriven)."),
             (BREAKER_STATE, Kind::Gauge, None, "A backend's circuit breaker: 0 closed, 1 open, 2 half-open."),
             (
+                BREAKER_OPENS,
+                Kind::Counter,
+                None,
+                "Times a backend's circuit breaker opened, by reason (no_answer, failure_rate).",
+            ),
+            (
                 BUDGET_EXHAUSTED,
                 Kind::Counter,
                 None,
@@ -256,6 +265,10 @@ impl Metrics {
             oldest_pending: r.register_gauge(&with(OLDEST_PENDING, "backend", None), &METADATA),
             dead_letters: r.register_gauge(&with(DEAD_LETTERS_NOW, "backend", None), &METADATA),
             breaker_state: r.register_gauge(&with(BREAKER_STATE, "backend", None), &METADATA),
+            opens_no_answer: r
+                .register_counter(&with(BREAKER_OPENS, "backend", Some(("reason", "no_answer"))), &METADATA),
+            opens_failure_rate: r
+                .register_counter(&with(BREAKER_OPENS, "backend", Some(("reason", "failure_rate"))), &METADATA),
             budget_exhausted: r.register_counter(&with(BUDGET_EXHAUSTED, "backend", None), &METADATA),
             up: r.register_gauge(&with(BACKEND_UP, "backend", None), &METADATA),
             recovery_remaining: r.register_gauge(&with(RECOVERY_REMAINING, "backend", None), &METADATA),
@@ -271,6 +284,8 @@ impl Metrics {
         m.oldest_pending.set(0.0);
         m.dead_letters.set(0.0);
         m.breaker_state.set(0.0);
+        m.opens_no_answer.increment(0);
+        m.opens_failure_rate.increment(0);
         m.budget_exhausted.increment(0);
         m.recovery_remaining.set(0.0);
         m.recovered.increment(0);
@@ -377,6 +392,8 @@ pub struct BackendMetrics {
     oldest_pending: Gauge,
     dead_letters: Gauge,
     breaker_state: Gauge,
+    opens_no_answer: Counter,
+    opens_failure_rate: Counter,
     budget_exhausted: Counter,
     up: Gauge,
     recovery_remaining: Gauge,
@@ -411,6 +428,14 @@ impl BackendMetrics {
     /// The gauge of the breaker's state.
     pub fn breaker_state(&self) -> &Gauge {
         &self.breaker_state
+    }
+
+    /// Counts one opening of the breaker, by the rule that opened it.
+    pub fn breaker_opened(&self, trip: Trip) {
+        match trip {
+            Trip::NoAnswer => self.opens_no_answer.increment(1),
+            Trip::FailureRate { .. } => self.opens_failure_rate.increment(1),
+        }
     }
 
     /// Counts one retry deferred by the retry budget.

@@ -32,6 +32,13 @@ fn bad_configuration_exits_2_with_one_line_naming_the_flag_before_binding() {
         (&["--backends", "a:1"], &[("ACK_POLICY", "sometimes")], "--ack"),
         (&["--backends", "a:1", "--max-body", "lots"], &[], "--max-body"),
         (&["--backends", "a:1", "--no-such-flag"], &[], "--no-such-flag"),
+        (
+            &["--backends", "a:1"],
+            &[("MAX_ATTEMPTS", "3")],
+            "--max-attempts (MAX_ATTEMPTS) must be at least --breaker-failures (BREAKER_FAILURES)",
+        ),
+        (&["--backends", "a:1"], &[("PROBE_INTERVAL_MAX", "0s")], "--probe-interval-max (PROBE_INTERVAL_MAX)"),
+        (&["--backends", "a:1"], &[("BREAKER_FAILURE_RATE", "2")], "--breaker-failure-rate (BREAKER_FAILURE_RATE)"),
     ];
     for (args, env, needle) in cases {
         let mut all = vec!["--listen", listen.as_str(), "--metrics-port", "0"];
@@ -73,6 +80,11 @@ fn help_lists_every_environment_variable() {
         "ACK_TIMEOUT",
         "MAX_BODY",
         "MAX_IN_FLIGHT",
+        "BREAKER_FAILURES",
+        "BREAKER_FAILURE_RATE",
+        "BREAKER_WINDOW",
+        "BREAKER_MIN_REQUESTS",
+        "PROBE_INTERVAL_MAX",
     ] {
         assert!(help.contains(&format!("[env: {env}")), "{env} missing from --help");
     }

@@ -296,7 +296,9 @@ async fn a_dead_backend_is_retried_until_attempts_run_out_then_dead_lettered() {
         l.local_addr().expect("addr")
     };
     let labels = format!("{},{},{}", pool[0].label(), pool[1].label(), dead);
-    let config_args = ["--max-attempts", "4", "--backends", labels.as_str()];
+    // Without the breaker: with it, a refused connection opens it and the write waits instead (and fewer
+    // attempts than --breaker-failures are refused at start; see the tests in breaker.rs).
+    let config_args = ["--max-attempts", "4", "--breaker-failures", "0", "--backends", labels.as_str()];
     let lb = fanout(&[], &config_args).await;
     let resp = post_form(&lb.url("/register"), "username=dl&password=pw").await;
     assert_eq!(resp.status(), StatusCode::CREATED, "first ack comes from a live backend");
