@@ -471,6 +471,8 @@ mod tests {
             (&["--backends", "a:1", "--shutdown-timeout", "25h"], "--shutdown-timeout"),
             (&["--backends", "a:1", "--listen", "127.0.0.1:9000", "--metrics-port", "9000"], "--metrics-port"),
             (&["--backends", "http://a:0"], "--backends"),
+            (&["--backends", "a:1", "--encryption-key-file", "/nonexistent/keys"], "--encryption-key-file"),
+            (&["--backends", "a:1", "--encryption-key-file", "/proc/self/status"], "--encryption-key-file"),
         ];
         for (args, needle) in cases {
             let err = valid(args).expect_err(needle);

@@ -13,6 +13,11 @@
 //! - redrives, discards, recoveries and the start-up's moves are appended with `Now`, and their caller is
 //!   answered only once they are on disk, so that an operator who was told "done" finds it done after a crash.
 //!
+//! With `--encryption-key-file`, the [`Codec`] seals the records that carry what clients sent (an append, an
+//! answer, a checkpoint with idempotency records) into a [`Record::Sealed`] ([`super::seal`]); records written
+//! in clear (before encryption was turned on) are read as before. Every record is decoded at start, so a
+//! missing key stops the start ([`LogError::Sealed`]) before any worker could read a write it cannot open.
+//!
 //! Every record is queued for the segment writer under the same lock as the index change it describes, so the
 //! file holds the changes in the order they were applied, and a replay applies them in that order again.
 //! Records that may be long (a recovery's writes, a redrive's or a discard's rows, the idempotency records of a

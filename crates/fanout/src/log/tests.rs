@@ -739,3 +739,20 @@ async fn the_store_is_private_whatever_the_umask() {
     }
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// The encrypted record's tag is documented (docs/write-log.md section 7): the variant after the nine of earlier
+/// versions, which keep theirs. Only records with client data are sealed.
+#[test]
+fn only_records_with_client_data_are_sealed_and_the_tag_is_the_documented_one() {
+    use super::disk::{Codec, Record};
+    let codec = Codec::new(Some(keyring(&[KEY_1])));
+    let (w, record) = secret_write(1);
+    let sealed = codec.encode(&Record::Append { id: 101, write: w, key: Some(("k".into(), record.clone())) });
+    assert_eq!(sealed.expect("encodes")[0], 9);
+    let answer = codec.encode(&Record::Answer { key: "k".into(), record }).expect("encodes");
+    assert_eq!(answer[0], 9);
+    let settle = Record::DropRefused { id: 101 };
+    assert_eq!(codec.encode(&settle).expect("encodes"), Codec::default().encode(&settle).expect("encodes"));
+    let counters = Record::Checkpoint { keys: Vec::new(), max_seq: Some(3), dropped_upto_ms: None };
+    assert_eq!(codec.encode(&counters).expect("encodes")[0], 8, "a checkpoint of counters only stays in clear");
+}
