@@ -181,11 +181,14 @@ impl Codec {
     /// The bytes of `record`.
     ///
     /// # Errors
-    /// [`LogError::Decode`] when postcard cannot encode it.
+    /// [`LogError::Decode`] when postcard cannot encode it, [`LogError::Sealed`] when it cannot be encrypted.
     pub fn encode(&self, record: &Record) -> Result<Vec<u8>, LogError> {
         let plain = postcard::to_allocvec(record)?;
         match (&self.keys, record.seal_id()) {
-            (Some(keys), Some(id)) => Ok(postcard::to_allocvec(&Record::Sealed { id, sealed: keys.seal(id, &plain) })?),
+            (Some(keys), Some(id)) => {
+                let sealed = keys.seal(id, &plain).map_err(|e| LogError::Sealed(e.to_string()))?;
+                Ok(postcard::to_allocvec(&Record::Sealed { id, sealed })?)
+            }
             _ => Ok(plain),
         }
     }

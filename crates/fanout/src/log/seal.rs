@@ -86,6 +86,11 @@ impl fmt::Debug for Sealed {
     }
 }
 
+/// The cipher refused to seal a message of this many bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a record of {0} bytes cannot be encrypted")]
+pub struct SealError(pub usize);
+
 /// Why a sealed record does not open.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
@@ -194,15 +199,19 @@ impl Keyring {
 
     /// Seals `plaintext` with the current key and a fresh random nonce, bound to delivery `id` (0 for a record
     /// tied to no delivery).
-    pub fn seal(&self, id: u128, plaintext: &[u8]) -> Sealed {
+    ///
+    /// # Errors
+    /// [`SealError`] when the cipher refuses the message (longer than XChaCha20's 256 GiB per nonce: never for
+    /// a record, which is at most 16 MiB).
+    pub fn seal(&self, id: u128, plaintext: &[u8]) -> Result<Sealed, SealError> {
         let (key, cipher) = &self.keys[0];
         let mut nonce = [0; NONCE_BYTES];
         // `rand::rng()` is a CSPRNG seeded from the operating system (ChaCha12, reseeded periodically).
         rand::rng().fill_bytes(&mut nonce);
         let ciphertext = cipher
             .encrypt(&XNonce::from(nonce), Payload { msg: plaintext, aad: &aad(id) })
-            .unwrap_or_else(|_| unreachable!("XChaCha20-Poly1305 seals any message that fits in memory"));
-        Sealed { key: *key, nonce, ciphertext }
+            .map_err(|_| SealError(plaintext.len()))?;
+        Ok(Sealed { key: *key, nonce, ciphertext })
     }
 
     /// The plaintext of `sealed`, which must have been sealed for delivery `id`.
@@ -324,13 +333,13 @@ mod tests {
     #[test]
     fn sealed_records_open_with_any_key_of_the_ring_and_only_for_their_delivery() {
         let old = ring(&[key(1)]);
-        let sealed = old.seal(42, b"username=alice&password=hunter2");
+        let sealed = old.seal(42, b"username=alice&password=hunter2").expect("seals");
         assert_eq!(sealed.key, KeyId::of(&key(1)));
         assert!(!sealed.ciphertext.windows(7).any(|w| w == b"hunter2"));
         // Rotated: the new key seals, the old one still opens.
         let rotated = ring(&[key(2), key(1)]);
         assert_eq!(rotated.open(42, &sealed).expect("opens"), b"username=alice&password=hunter2");
-        assert_eq!(rotated.seal(42, b"x").key, KeyId::of(&key(2)));
+        assert_eq!(rotated.seal(42, b"x").expect("seals").key, KeyId::of(&key(2)));
         // Under another delivery, changed, or without its key: refused.
         assert_eq!(rotated.open(43, &sealed), Err(OpenError::Forged(sealed.key)));
         let mut changed = sealed.clone();
@@ -338,7 +347,7 @@ mod tests {
         assert_eq!(rotated.open(42, &changed), Err(OpenError::Forged(sealed.key)));
         assert_eq!(ring(&[key(2)]).open(42, &sealed), Err(OpenError::UnknownKey(sealed.key)));
         // A fresh nonce every time: the same record never seals to the same bytes.
-        assert_ne!(old.seal(42, b"same").nonce, old.seal(42, b"same").nonce);
+        assert_ne!(old.seal(42, b"same").expect("seals").nonce, old.seal(42, b"same").expect("seals").nonce);
     }
 
     #[test]
