@@ -185,6 +185,13 @@ pub struct Config {
     #[arg(long, allow_hyphen_values = true, env = "DELIVERY_HISTORY", default_value_t = 10_000)]
     pub delivery_history: u64,
 
+    /// File of keys to encrypt the write log's records that carry what clients sent (bodies, forwarded headers,
+    /// idempotency records) with XChaCha20-Poly1305: one key per line, 32 bytes as 64 hex digits or base64
+    /// (`openssl rand -hex 32`). The first key encrypts, every key decrypts (rotation: add the new key first).
+    /// Unset: stored in clear for `--history-window` (docs/write-log.md).
+    #[arg(long, allow_hyphen_values = true, env = "ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+
     /// Idle keep-alive connections to backends are closed after this long. Keep it below the backends' own idle
     /// timeout so that fanout never sends on a connection the backend is closing.
     #[arg(long, allow_hyphen_values = true, env = "POOL_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -264,6 +271,14 @@ pub enum ConfigError {
     /// `--metrics-port` is the port of `--listen`.
     #[error("--metrics-port (METRICS_PORT) must differ from the port of --listen (LISTEN_ADDR)")]
     PortClash,
+    /// `--encryption-key-file` cannot be read or is not a key file (the message never shows a key).
+    #[error("--encryption-key-file (ENCRYPTION_KEY_FILE) {path}: {why}")]
+    KeyFile {
+        /// The file as given.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 /// Longest accepted duration for any duration flag: one day. Larger values are typing mistakes, and durations
@@ -305,6 +320,7 @@ impl Config {
         if self.metrics_port != 0 && self.metrics_port == self.listen.port() {
             return Err(ConfigError::PortClash);
         }
+        self.encryption_keys()?;
         range(self.max_attempts >= 1, "max-attempts", "MAX_ATTEMPTS", "at least 1")?;
         range(!self.initial_backoff.is_zero(), "initial-backoff", "INITIAL_BACKOFF", "greater than 0")?;
         if self.initial_backoff > self.max_backoff {
@@ -404,6 +420,18 @@ impl Config {
     /// The outbox directory, or `None` for in-memory operation (`--no-outbox`).
     pub fn outbox_dir(&self) -> Option<&std::path::Path> {
         Some(self.data_dir.as_path()).filter(|_| !self.no_outbox)
+    }
+
+    /// The keys of `--encryption-key-file`, read and parsed now, or `None` when it is not set. With
+    /// `--no-outbox` too: nothing is stored then, but a key file that does not parse is still a mistake.
+    ///
+    /// # Errors
+    /// [`ConfigError::KeyFile`] when the file cannot be read or a line is not a key.
+    pub fn encryption_keys(&self) -> Result<Option<crate::log::seal::Keyring>, ConfigError> {
+        let Some(path) = &self.encryption_key_file else { return Ok(None) };
+        crate::log::seal::Keyring::load(path)
+            .map(Some)
+            .map_err(|e| ConfigError::KeyFile { path: path.display().to_string(), why: e.to_string() })
     }
 
     /// How much history the write log keeps (see `--history-window`, `--history-max-bytes`).
@@ -589,6 +617,8 @@ mod tests {
             (&["--backends", "a:1", "--probe-interval-max", "25h"], "--probe-interval-max"),
             (&["--backends", "a:1", "--max-attempts", "3"], "--breaker-failures"),
             (&["--backends", "a:1", "--max-attempts", "3", "--breaker-failures", "4"], "--max-attempts"),
+            (&["--backends", "a:1", "--encryption-key-file", "/nonexistent/keys"], "--encryption-key-file"),
+            (&["--backends", "a:1", "--encryption-key-file", "/proc/self/status"], "--encryption-key-file"),
         ];
         for (args, needle) in cases {
             let err = valid(args).expect_err(needle);

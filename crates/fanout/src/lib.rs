@@ -117,8 +117,18 @@ pub async fn run(
         );
     }
     let history = config.history_limits();
+    let keys = config.encryption_keys()?.map(Arc::new);
+    if let Some(mode) = keys.as_ref().and_then(|k| k.loose_mode()) {
+        tracing::warn!(
+            mode = format!("{mode:o}"),
+            "--encryption-key-file (ENCRYPTION_KEY_FILE) can be read by group or others: chmod 600 it"
+        );
+    }
+    if keys.is_some() && config.no_outbox {
+        tracing::info!("--encryption-key-file: nothing is stored with --no-outbox, so nothing is encrypted");
+    }
     let log: Arc<dyn WriteLog> = match config.outbox_dir() {
-        Some(dir) => Arc::new(log::disk::DiskLog::open(&dir.join("log"), history).map_err(store_error)?),
+        Some(dir) => Arc::new(log::disk::DiskLog::open(&dir.join("log"), history, keys).map_err(store_error)?),
         None => Arc::new(log::memory::MemoryLog::with_history(history)),
     };
     let labels = pool.iter().map(|b| b.label().to_owned()).collect();

@@ -13,6 +13,11 @@
 //! - redrives, discards, recoveries and the start-up's moves are appended with `Now`, and their caller is
 //!   answered only once they are on disk, so that an operator who was told "done" finds it done after a crash.
 //!
+//! With `--encryption-key-file`, the [`Codec`] seals the records that carry what clients sent (an append, an
+//! answer, a checkpoint with idempotency records) into a [`Record::Sealed`] ([`super::seal`]); records written
+//! in clear (before encryption was turned on) are read as before. Every record is decoded at start, so a
+//! missing key stops the start ([`LogError::Sealed`]) before any worker could read a write it cannot open.
+//!
 //! Every record is queued for the segment writer under the same lock as the index change it describes, so the
 //! file holds the changes in the order they were applied, and a replay applies them in that order again.
 //! Records that may be long (a recovery's writes, a redrive's or a discard's rows, the idempotency records of a
@@ -45,6 +50,7 @@ use futures_util::future::{BoxFuture, ready};
 use serde::{Deserialize, Serialize};
 
 use super::index::{Body, Index};
+use super::seal::{KeyId, Keyring, OpenError, Sealed};
 use super::segments::{Position, SegmentError, Segments, SegmentsConfig, SyncMode};
 use super::{
     DeadFilter, DeadLetter, DeliveryView, HistoryLimits, HistoryStats, Loaded, LogError, Recovered, Settlement,
@@ -128,6 +134,28 @@ pub enum Record {
         /// The newest acceptance time of the writes dropped from the history so far.
         dropped_upto_ms: Option<u64>,
     },
+    /// Another record, encrypted (`--encryption-key-file`): an [`Record::Append`], [`Record::Answer`] or
+    /// [`Record::Checkpoint`] with idempotency records, postcard-encoded, then sealed (see [`super::seal`]).
+    /// Last of the variants, so that the records of earlier versions keep their tags and decode as before.
+    Sealed {
+        /// The delivery the record belongs to (0 for a checkpoint), bound to the ciphertext as associated data.
+        id: u128,
+        /// The encrypted record.
+        sealed: Sealed,
+    },
+}
+
+impl Record {
+    /// The delivery id a record is sealed under when encryption is on, or `None` for a record that carries
+    /// nothing a client sent (settlements, redrives, ... and checkpoints without idempotency records).
+    fn seal_id(&self) -> Option<u128> {
+        match self {
+            Record::Append { id, .. } => Some(*id),
+            Record::Answer { record, .. } => Some(record.delivery_id),
+            Record::Checkpoint { keys, .. } if !keys.is_empty() => Some(0),
+            _ => None,
+        }
+    }
 }
 
 impl From<SegmentError> for LogError {
@@ -136,17 +164,97 @@ impl From<SegmentError> for LogError {
     }
 }
 
-fn encode(record: &Record) -> Result<Vec<u8>, LogError> {
-    Ok(postcard::to_allocvec(record)?)
+/// How records become a frame's bytes and back: postcard, and with a key ring the records that carry what
+/// clients sent sealed ([`Record::seal_id`]). Records without a seal are read whatever the key ring: those
+/// written before encryption was turned on.
+#[derive(Clone, Default)]
+pub struct Codec {
+    keys: Option<Arc<Keyring>>,
 }
 
-fn decode(bytes: &[u8]) -> Result<Record, LogError> {
-    Ok(postcard::from_bytes(bytes)?)
+impl Codec {
+    /// A codec that seals with `keys` (`None`: writes in clear, and refuses sealed records).
+    pub fn new(keys: Option<Arc<Keyring>>) -> Self {
+        Codec { keys }
+    }
+
+    /// The bytes of `record`.
+    ///
+    /// # Errors
+    /// [`LogError::Decode`] when postcard cannot encode it, [`LogError::Sealed`] when it cannot be encrypted.
+    pub fn encode(&self, record: &Record) -> Result<Vec<u8>, LogError> {
+        let plain = postcard::to_allocvec(record)?;
+        match (&self.keys, record.seal_id()) {
+            (Some(keys), Some(id)) => {
+                let sealed = keys.seal(id, &plain).map_err(|e| LogError::Sealed(e.to_string()))?;
+                Ok(postcard::to_allocvec(&Record::Sealed { id, sealed })?)
+            }
+            _ => Ok(plain),
+        }
+    }
+
+    /// The record in `bytes`, opened if sealed.
+    ///
+    /// # Errors
+    /// [`LogError::Sealed`] when a sealed record's key is not in the ring (or there is no ring) or it does not
+    /// authenticate; [`LogError::Decode`] or [`LogError::Corrupt`] for bytes that are no record.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Record, LogError> {
+        Ok(self.decode_keyed(bytes)?.0)
+    }
+
+    /// Like [`Codec::decode`], with the id of the key that had sealed it.
+    fn decode_keyed(&self, bytes: &[u8]) -> Result<(Record, Option<KeyId>), LogError> {
+        let (id, sealed) = match postcard::from_bytes(bytes)? {
+            Record::Sealed { id, sealed } => (id, sealed),
+            record => return Ok((record, None)),
+        };
+        let Some(keys) = &self.keys else {
+            return Err(LogError::Sealed(format!(
+                "the write log holds encrypted records (key id {}) and no key file is given: start with the key \
+                 file that holds that key",
+                sealed.key
+            )));
+        };
+        let plain = keys.open(id, &sealed).map_err(|e| match e {
+            OpenError::UnknownKey(key) => LogError::Sealed(format!(
+                "the write log holds records encrypted with key id {key}, which {} does not hold (its key ids: \
+                 {}): put that key back below the first; a key may leave the file only once the history holds no \
+                 record it encrypted",
+                keys.path().display(),
+                keys.ids().iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            )),
+            forged @ OpenError::Forged(_) => LogError::Sealed(forged.to_string()),
+        })?;
+        let record: Record = postcard::from_bytes(&plain)?;
+        if record.seal_id() != Some(id) {
+            return Err(LogError::Corrupt(format!("a record sealed for delivery {id:032x} is not that delivery's")));
+        }
+        Ok((record, Some(sealed.key)))
+    }
+}
+
+/// Warns when `data_dir`, the directory that holds the log's own and is the operator's (`--data-dir`), exists
+/// and lets group or others in. The log's directory is `0700` whatever it is, but the operator may keep other
+/// things there; it is not changed.
+fn warn_if_open(data_dir: Option<&Path>) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(data_dir) = data_dir.filter(|d| !d.as_os_str().is_empty()) else { return };
+    if let Ok(meta) = std::fs::metadata(data_dir)
+        && meta.is_dir()
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "--data-dir (DATA_DIR) lets group or others in; the write log in it is 0700 (files 0600), but consider \
+             chmod 700 on the directory"
+        );
+    }
 }
 
 /// The write whose append record is at `at`.
-fn read_write(segments: &Segments, at: Position) -> Result<(u128, StoredDelivery), LogError> {
-    match decode(&segments.read(at)?)? {
+fn read_write(segments: &Segments, codec: &Codec, at: Position) -> Result<(u128, StoredDelivery), LogError> {
+    match codec.decode(&segments.read(at)?)? {
         Record::Append { id, write, .. } => Ok((id, write)),
         _ => Err(LogError::Corrupt(format!("no write at segment {} offset {}", at.segment, at.offset))),
     }
@@ -179,7 +287,7 @@ impl State {
     }
 
     /// Applies one record, at `at`, during replay.
-    fn replay(&mut self, segments: &Segments, at: Position, record: Record) -> Result<(), LogError> {
+    fn replay(&mut self, segments: &Segments, codec: &Codec, at: Position, record: Record) -> Result<(), LogError> {
         match record {
             Record::Append { id, write, key } => self.append(at, id, &write, key.as_ref()),
             Record::Settle { backend, seq, settlement } => {
@@ -201,7 +309,7 @@ impl State {
             Record::Recover { backend, writes } => {
                 let mut found = Vec::with_capacity(writes.len());
                 for (_, pos) in writes {
-                    match read_write(segments, pos) {
+                    match read_write(segments, codec, pos) {
                         Ok((id, write)) => found.push((id, write, Body::Disk(pos))),
                         // Its segment was dropped, which retention only does once no write in it is held: this
                         // one was delivered after the recovery, and there is nothing left to do for it.
@@ -216,6 +324,8 @@ impl State {
                 self.max_seq = self.max_seq.max(max_seq);
                 self.dropped_upto_ms = self.dropped_upto_ms.max(dropped_upto_ms);
             }
+            // The codec opened it: what it decoded to is never sealed again.
+            Record::Sealed { .. } => return Err(LogError::Corrupt("a sealed record inside a sealed record".into())),
         }
         Ok(())
     }
@@ -239,6 +349,7 @@ impl Drop for Pinned {
 /// The durable write log in a directory. Share it behind an `Arc`.
 pub struct DiskLog {
     segments: Segments,
+    codec: Codec,
     state: Arc<Mutex<State>>,
     limits: HistoryLimits,
     /// A retention pass is running (one at a time).
@@ -250,12 +361,16 @@ pub struct DiskLog {
 }
 
 impl DiskLog {
-    /// Opens (or creates) the log in `dir` and replays it.
+    /// Opens (or creates) the log in `dir` and replays it. With `keys` (`--encryption-key-file`), the records
+    /// that carry what clients sent are written encrypted from now on; either way records written in clear are
+    /// read. Logs what the history holds at rest (writes in clear, records per key id) when it holds anything.
     ///
     /// # Errors
-    /// When the directory cannot be created or read, a sealed segment is damaged ([`LogError::Segment`]), or a
-    /// record does not decode.
-    pub fn open(dir: &Path, limits: HistoryLimits) -> Result<Self, LogError> {
+    /// When the directory cannot be created or read, a sealed segment is damaged ([`LogError::Segment`]), a
+    /// record does not decode, or an encrypted one does not open ([`LogError::Sealed`]: its key is missing).
+    pub fn open(dir: &Path, limits: HistoryLimits, keys: Option<Arc<Keyring>>) -> Result<Self, LogError> {
+        let codec = Codec::new(keys);
+        warn_if_open(dir.parent());
         let segment_bytes = (limits.max_bytes / 8).clamp(64 * 1024, SEGMENT_BYTES);
         let segments = Segments::open(SegmentsConfig { dir: dir.to_owned(), segment_bytes })?;
         let mut state = State {
@@ -265,12 +380,25 @@ impl DiskLog {
             dropped_upto_ms: None,
             recovering_from: Vec::new(),
         };
+        let mut clear_writes = 0_u64;
+        let mut per_key: BTreeMap<KeyId, u64> = BTreeMap::new();
         for item in segments.replay() {
             let (at, bytes) = item?;
-            state.replay(&segments, at, decode(&bytes)?)?;
+            let (record, key) = codec.decode_keyed(&bytes)?;
+            match key {
+                Some(key) => *per_key.entry(key).or_default() += 1,
+                None => clear_writes += u64::from(matches!(record, Record::Append { .. })),
+            }
+            state.replay(&segments, &codec, at, record)?;
+        }
+        if clear_writes > 0 || !per_key.is_empty() {
+            // What rotating a key, or turning encryption on, waits for: the counts to reach 0.
+            let encrypted = per_key.iter().map(|(k, n)| format!("{k}:{n}")).collect::<Vec<_>>().join(",");
+            tracing::info!(clear_writes, encrypted = %encrypted, "write log: records at rest");
         }
         Ok(Self {
             segments,
+            codec,
             state: Arc::new(Mutex::new(state)),
             limits,
             retaining: Arc::new(AtomicBool::new(false)),
@@ -286,8 +414,8 @@ impl DiskLog {
     /// Queues `record` lazily. Call it under the state lock, right after the index change it records, so that
     /// the file keeps the order of the changes. When the writer is far behind (the disk is slow), the record is
     /// queued as an awaited append instead, and the returned future waits for it: back-pressure, not a hole.
-    fn lazy(segments: &Segments, record: &Record) -> BoxFuture<'static, ()> {
-        let bytes = match encode(record) {
+    fn lazy(segments: &Segments, codec: &Codec, record: &Record) -> BoxFuture<'static, ()> {
+        let bytes = match codec.encode(record) {
             Ok(bytes) => bytes,
             Err(error) => {
                 tracing::error!(%error, "write log: a record does not encode; after a restart it may be repeated");
@@ -313,8 +441,8 @@ impl DiskLog {
 
     /// Queues `records` durably (under the state lock, like [`DiskLog::lazy`]); the future resolves once they
     /// are on disk.
-    fn durable(segments: &Segments, records: &[Record]) -> BoxFuture<'static, Result<(), LogError>> {
-        let encoded: Result<Vec<Vec<u8>>, LogError> = records.iter().map(encode).collect();
+    fn durable(segments: &Segments, codec: &Codec, records: &[Record]) -> BoxFuture<'static, Result<(), LogError>> {
+        let encoded: Result<Vec<Vec<u8>>, LogError> = records.iter().map(|r| codec.encode(r)).collect();
         let append = match encoded {
             Ok(bytes) => segments.append_many(bytes, SyncMode::Now),
             Err(e) => return Box::pin(ready(Err(e))),
@@ -363,7 +491,7 @@ impl DiskLog {
                 for chunk in keys.chunks(KEYS_PER_RECORD) {
                     records.push(Record::Checkpoint { keys: chunk.to_vec(), max_seq: None, dropped_upto_ms: None });
                 }
-                (cut, Self::durable(&self.segments, &records))
+                (cut, Self::durable(&self.segments, &self.codec, &records))
             })
         };
         let Some((cut, checkpoint)) = planned else {
@@ -411,7 +539,7 @@ impl WriteLog for DiskLog {
 
     fn startup(&self, pool: Vec<String>) -> BoxFuture<'static, Result<Startup, LogError>> {
         let at_ms = now_ms();
-        let record = encode(&Record::Startup { pool: pool.clone(), at_ms });
+        let record = self.codec.encode(&Record::Startup { pool: pool.clone(), at_ms });
         let append = record.map(|bytes| self.segments.append(bytes, SyncMode::Now));
         let state = self.state.clone();
         Box::pin(async move {
@@ -431,7 +559,7 @@ impl WriteLog for DiskLog {
     ) -> BoxFuture<'static, Result<(), LogError>> {
         let key = key.map(|(k, r)| (k.to_owned(), r.clone()));
         let record = Record::Append { id, write, key };
-        let bytes = match encode(&record) {
+        let bytes = match self.codec.encode(&record) {
             Ok(bytes) => bytes,
             Err(e) => return Box::pin(ready(Err(e))),
         };
@@ -454,7 +582,7 @@ impl WriteLog for DiskLog {
     fn settle(&self, backend: &Arc<str>, seq: u64, settlement: Settlement) -> BoxFuture<'static, ()> {
         let mut state = self.state();
         state.index.settle(backend, seq, settlement.clone());
-        Self::lazy(&self.segments, &Record::Settle { backend: backend.to_string(), seq, settlement })
+        Self::lazy(&self.segments, &self.codec, &Record::Settle { backend: backend.to_string(), seq, settlement })
     }
 
     fn drop_refused(&self, id: u128) -> BoxFuture<'static, Vec<String>> {
@@ -463,7 +591,7 @@ impl WriteLog for DiskLog {
         if dropped.is_empty() {
             return Box::pin(ready(dropped));
         }
-        let written = Self::lazy(&self.segments, &Record::DropRefused { id });
+        let written = Self::lazy(&self.segments, &self.codec, &Record::DropRefused { id });
         drop(state);
         Box::pin(async move {
             written.await;
@@ -480,12 +608,13 @@ impl WriteLog for DiskLog {
     ) -> BoxFuture<'static, Result<Vec<Loaded>, LogError>> {
         let rows = self.state().index.pending(backend, &skip, limit, below);
         let segments = self.segments.clone();
+        let codec = self.codec.clone();
         Box::pin(async move {
             let read = tokio::task::spawn_blocking(move || {
                 rows.into_iter()
                     .map(|(seq, row, body)| {
                         let delivery = match body {
-                            Body::Disk(at) => read_write(&segments, at)?.1,
+                            Body::Disk(at) => read_write(&segments, &codec, at)?.1,
                             Body::Memory(write) => (*write).clone(),
                         };
                         Ok(Loaded { seq, row, delivery })
@@ -510,7 +639,7 @@ impl WriteLog for DiskLog {
         let moved = state.index.redrive(&rows);
         let records: Vec<Record> =
             moved.chunks(ROWS_PER_RECORD).map(|c| Record::Redrive { rows: c.to_vec() }).collect();
-        let written = Self::durable(&self.segments, &records);
+        let written = Self::durable(&self.segments, &self.codec, &records);
         drop(state);
         Box::pin(async move {
             written.await?;
@@ -523,7 +652,7 @@ impl WriteLog for DiskLog {
         let rows = state.index.discardable(&filter);
         let gone = state.index.discard(&rows);
         let records: Vec<Record> = gone.chunks(ROWS_PER_RECORD).map(|c| Record::Discard { rows: c.to_vec() }).collect();
-        let written = Self::durable(&self.segments, &records);
+        let written = Self::durable(&self.segments, &self.codec, &records);
         drop(state);
         Box::pin(async move {
             written.await?;
@@ -539,7 +668,7 @@ impl WriteLog for DiskLog {
         let mut state = self.state();
         state.index.answer(key, record.clone());
         // Advisory, like the trait says: a slow disk's back-pressure is not waited for here.
-        drop(Self::lazy(&self.segments, &Record::Answer { key: key.to_owned(), record: record.clone() }));
+        drop(Self::lazy(&self.segments, &self.codec, &Record::Answer { key: key.to_owned(), record: record.clone() }));
     }
 
     fn idempotency_keys(
@@ -578,6 +707,7 @@ impl WriteLog for DiskLog {
 
     fn recover(&self, backend: &Arc<str>, since_ms: u64) -> BoxFuture<'static, Result<Recovered, LogError>> {
         let segments = self.segments.clone();
+        let codec = self.codec.clone();
         let state = self.state.clone();
         let backend = backend.clone();
         let oldest_ms = self.history().oldest_ms;
@@ -596,12 +726,13 @@ impl WriteLog for DiskLog {
             // Every write the history holds since `since_ms`, without its body (read back when sent).
             let scan = {
                 let segments = segments.clone();
+                let codec = codec.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut found = Vec::new();
                     let mut refused = HashSet::new();
                     for item in segments.replay() {
                         let (at, bytes) = item?;
-                        match decode(&bytes)? {
+                        match codec.decode(&bytes)? {
                             Record::Append { id, mut write, .. } if write.accepted_at_ms >= since_ms => {
                                 write.body = Vec::new();
                                 write.headers = Vec::new();
@@ -634,7 +765,7 @@ impl WriteLog for DiskLog {
                     .chunks(ROWS_PER_RECORD)
                     .map(|c| Record::Recover { backend: backend.to_string(), writes: c.to_vec() })
                     .collect();
-                let written = Self::durable(&segments, &records);
+                let written = Self::durable(&segments, &codec, &records);
                 // The writes found are held now, and pin their own segments.
                 drop(state);
                 drop(_pinned);

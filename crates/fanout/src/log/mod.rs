@@ -10,6 +10,7 @@
 //! # Implementations
 //! - [`disk::DiskLog`]: append-only segment files in `DATA_DIR/log/` with group commit ([`segments`]) and an
 //!   in-memory [`index`] rebuilt from them at start; the log is also the history a recovery replays.
+//!   With a key file ([`seal`]) the records that carry what clients sent are encrypted.
 //! - [`memory::MemoryLog`]: plain maps under one lock, for `--no-outbox`: nothing survives the process, and no
 //!   store work is paid for.
 //!
@@ -26,6 +27,7 @@
 pub mod disk;
 pub mod index;
 pub mod memory;
+pub mod seal;
 pub mod segments;
 #[cfg(test)]
 mod tests;
@@ -66,6 +68,10 @@ pub enum LogError {
     /// A stored record does not decode (a file written by an incompatible version, or damaged).
     #[error("a stored record does not decode: {0}")]
     Decode(#[from] postcard::Error),
+    /// An encrypted record cannot be opened: its key is not in `--encryption-key-file` (or no key file is
+    /// given), or it does not authenticate (see [`seal`]). At start this refuses the start, naming the flag.
+    #[error("--encryption-key-file (ENCRYPTION_KEY_FILE): {0}")]
+    Sealed(String),
     /// The operation cannot run now (the reason says why); try again later.
     #[error("busy: {0}")]
     Busy(&'static str),

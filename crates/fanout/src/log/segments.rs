@@ -18,6 +18,12 @@
 //! when a frame would take the active one past [`SegmentsConfig::segment_bytes`]; a record larger than that still
 //! goes, alone, into a segment of its own.
 //!
+//! # Permissions
+//! The records hold what clients sent (passwords among it), so the store is its owner's alone: the directory is
+//! created `0700` (with any missing parents) and every file `0600` (segments, torn tails kept aside), the bits
+//! set explicitly after creation, so whatever the umask. [`Segments::open`] also tightens the directory and the
+//! files already in it (an earlier version made them `0755` and `0644`), with one warning saying how many.
+//!
 //! # Group commit
 //! Appends are queued (in the order of the calls: the queue is filled when [`Segments::append`] is called, not
 //! when its future is first polled) for one writer thread, `log-writer`, which owns the active file. It waits for
@@ -109,6 +115,10 @@ pub const LAZY_WAKE_BYTES: u64 = 1024 * 1024;
 pub const MAX_LAZY_BACKLOG: u64 = 64 * 1024 * 1024;
 /// The read buffer of startup checks and replay.
 const READ_BUFFER: usize = 256 * 1024;
+/// Permission bits of the store's directories: the owner's alone.
+pub const DIR_MODE: u32 = 0o700;
+/// Permission bits of the store's files: read and write for the owner alone.
+pub const FILE_MODE: u32 = 0o600;
 
 /// Where and how large the segments are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,11 +342,12 @@ impl Segments {
     pub fn open(config: SegmentsConfig) -> Result<Segments, SegmentError> {
         let dir = config.dir;
         let existed = dir.is_dir();
-        fs::create_dir_all(&dir).map_err(|e| SegmentError::io(&dir, e))?;
+        create_private_dirs(&dir)?;
         if !existed && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             // Best effort: the new directory's entry in its parent.
             let _ = sync_dir(parent);
         }
+        tighten(&dir)?;
         let ids = list_segments(&dir)?;
         // Segments are only ever deleted oldest first: a gap is a file lost or moved away, and the records in
         // it (acknowledged writes among them) would be missing without a word.
@@ -997,7 +1008,9 @@ fn open_last(dir: &Path, id: u64, payload: &mut Vec<u8>) -> Result<Active, Segme
                     let aside = path.with_extension(format!("seg.torn-{offset}"));
                     let mut tail = vec![0; usize::try_from(dropped).unwrap_or(0)];
                     file.read_exact_at(&mut tail, offset).map_err(io)?;
-                    fs::write(&aside, &tail).map_err(|e| SegmentError::io(&aside, e))?;
+                    private_file(OpenOptions::new().write(true).create(true).truncate(true), &aside)?
+                        .write_all_at(&tail, 0)
+                        .map_err(|e| SegmentError::io(&aside, e))?;
                     tracing::warn!(
                         file = %path.display(),
                         offset,
@@ -1025,7 +1038,7 @@ fn create_segment(dir: &Path, id: u64) -> Result<Active, SegmentError> {
     let path = segment_path(dir, id);
     let result = (|| {
         let io = |e| SegmentError::io(&path, e);
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io)?;
+        let file = private_file(OpenOptions::new().read(true).write(true).create(true).truncate(true), &path)?;
         file.write_all_at(&MAGIC, 0).map_err(io)?;
         file.sync_data().map_err(io)?;
         sync_dir(dir)?;
@@ -1038,6 +1051,68 @@ fn create_segment(dir: &Path, id: u64) -> Result<Active, SegmentError> {
             Err(e)
         }
     }
+}
+
+/// Creates `dir` and its missing parents, each [`DIR_MODE`] whatever the umask. Directories that exist are left
+/// as they are (the operator's), except `dir` itself: see [`tighten`].
+fn create_private_dirs(dir: &Path) -> Result<(), SegmentError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<&Path> = dir.ancestors().take_while(|p| !p.as_os_str().is_empty() && !p.is_dir()).collect();
+    for path in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+            Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))
+                .map_err(|e| SegmentError::io(path, e))?,
+            // Made meanwhile by someone else: theirs.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+            Err(e) => return Err(SegmentError::io(path, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Opens (creating) the file at `path` with `options`, and sets it to [`FILE_MODE`] whatever the umask.
+fn private_file(options: &mut OpenOptions, path: &Path) -> Result<File, SegmentError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e| SegmentError::io(path, e);
+    let file = options.mode(FILE_MODE).open(path).map_err(io)?;
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE)).map_err(io)?;
+    Ok(file)
+}
+
+/// The store's directory `dir` to [`DIR_MODE`] and every file in it to [`FILE_MODE`], where group or others
+/// have any bit; warns once with how many were tightened.
+fn tighten(dir: &Path) -> Result<(), SegmentError> {
+    use std::os::unix::fs::PermissionsExt;
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> SegmentError + '_ {
+        move |e| SegmentError::io(path, e)
+    }
+    let mut tightened = 0_u64;
+    let mut fix = |path: &Path, meta: fs::Metadata, mode: u32| -> Result<(), SegmentError> {
+        if meta.permissions().mode() & 0o077 != 0 {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io(path))?;
+            tightened += 1;
+        }
+        Ok(())
+    };
+    fix(dir, fs::metadata(dir).map_err(io(dir))?, DIR_MODE)?;
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        // Not followed: a link in the store's directory is not the store's to change.
+        let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
+        if meta.is_file() {
+            fix(&path, meta, FILE_MODE)?;
+        }
+    }
+    if tightened > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            tightened,
+            "write log: the directory or files let group or others in (an earlier version made them so); \
+             now 0700 and 0600"
+        );
+    }
+    Ok(())
 }
 
 /// The ids of the segment files in `dir`, ascending; other files are ignored.

@@ -13,6 +13,8 @@ use super::*;
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Disk,
+    /// The disk log with `--encryption-key-file` (the same key at every open).
+    Encrypted,
     Memory,
 }
 
@@ -20,7 +22,8 @@ impl Kind {
     /// The durable log in `dir`.
     fn open(self, dir: &Path) -> Arc<dyn WriteLog> {
         match self {
-            Kind::Disk => Arc::new(DiskLog::open(dir, LIMITS).expect("open")),
+            Kind::Disk => Arc::new(DiskLog::open(dir, LIMITS, None).expect("open")),
+            Kind::Encrypted => Arc::new(DiskLog::open(dir, LIMITS, Some(keyring(&[KEY_1]))).expect("open")),
             // Nothing survives: the reopen tests are for durable logs only.
             Kind::Memory => unreachable!("the in-memory log has no directory"),
         }
@@ -29,10 +32,7 @@ impl Kind {
     /// A fresh log (for the disk log, in a new directory).
     fn memory(self) -> Arc<dyn WriteLog> {
         match self {
-            Kind::Disk => {
-                let dir = temp_dir(&format!("memory-{}", uuid::Uuid::now_v7()));
-                Arc::new(DiskLog::open(&dir, LIMITS).expect("open"))
-            }
+            Kind::Disk | Kind::Encrypted => self.open(&temp_dir("memory")),
             Kind::Memory => Arc::new(MemoryLog::with_history(LIMITS)),
         }
     }
@@ -69,6 +69,19 @@ async fn disk_recovery_survives_a_reopen() {
     a_recovery_survives_a_reopen(Kind::Disk).await;
 }
 conformance!(
+    encrypted,
+    super::Kind::Encrypted,
+    [
+        queues_deliveries_and_dead_letters_survive_a_reopen,
+        a_recovery_queues_every_write_since_t_again_in_order,
+        a_recovery_leaves_out_writes_every_backend_refused,
+        at_start_entries_of_a_removed_backend_become_dead_letters_and_counts_are_given,
+        only_the_newest_delivered_records_are_kept,
+        dead_letters_redrive_and_discard_by_delivery,
+        a_recovery_survives_a_reopen,
+    ]
+);
+conformance!(
     memory,
     super::Kind::Memory,
     [
@@ -87,8 +100,10 @@ fn backend(b: &str) -> DeadFilter {
     DeadFilter { backend: Some(b.to_owned()), id: None }
 }
 
+/// A fresh directory path (not created), unique to the call: the same test runs against several kinds at once.
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fanout-outbox-{name}-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("fanout-outbox-{name}-{}-{}", std::process::id(), uuid::Uuid::now_v7()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -246,7 +261,7 @@ async fn only_the_newest_delivered_records_are_kept(kind: Kind) {
 
 #[test]
 fn an_unwritable_directory_is_refused() {
-    let err = DiskLog::open(Path::new("/proc/fanout-cannot-write-here"), LIMITS).err().expect("refused");
+    let err = DiskLog::open(Path::new("/proc/fanout-cannot-write-here"), LIMITS, None).err().expect("refused");
     assert!(matches!(err, LogError::Segment(_)), "{err}");
     assert!(err.to_string().contains("/proc/fanout-cannot-write-here"), "{err}");
 }
@@ -377,7 +392,7 @@ async fn a_recovery_survives_a_reopen(kind: Kind) {
 async fn disk_history_is_bounded_and_never_drops_a_pending_write() {
     let dir = temp_dir("history-bound");
     let limits = HistoryLimits { window_ms: 3_600_000, max_bytes: 256 * 1024 };
-    let log = DiskLog::open(&dir, limits).expect("open");
+    let log = DiskLog::open(&dir, limits, None).expect("open");
     let key = KeyRecord { delivery_id: 100, body_hash: [7; 32], at_ms: now_ms(), answer: None };
     // Write 0 stays pending on a:1; everything else is delivered everywhere.
     log.append(100, write(0), Some(("client-key", &key))).await.expect("append");
@@ -421,7 +436,7 @@ async fn disk_history_is_bounded_and_never_drops_a_pending_write() {
     assert_eq!(log.history().bytes, kept.bytes, "quiet ticks leave the history alone");
     log.flush().await.expect("flush");
     log.close().await;
-    let log = DiskLog::open(&dir, limits).expect("reopen");
+    let log = DiskLog::open(&dir, limits, None).expect("reopen");
     let keys = log.idempotency_keys(3_600_000, now_ms()).await.expect("keys");
     assert_eq!(keys.len(), 1, "the key outlived its segment");
     let start = log.startup(pool()).await.expect("startup");
@@ -441,7 +456,7 @@ const SEGMENT_BYTES_UNDER_TEST: u64 = 64 * 1024;
 async fn disk_history_after_a_recovery_and_many_large_answers_still_reopens() {
     let dir = temp_dir("recover-retain");
     let limits = HistoryLimits { window_ms: 3_600_000, max_bytes: 256 * 1024 };
-    let log = DiskLog::open(&dir, limits).expect("open");
+    let log = DiskLog::open(&dir, limits, None).expect("open");
     // 300 keys whose answers carry 60 KiB each: 18 MB of idempotency records.
     let answer = crate::replay::StoredAnswer { status: 201, content_type: None, body: vec![b'a'; 60 * 1024] };
     for seq in 0..300u64 {
@@ -483,7 +498,7 @@ async fn disk_history_after_a_recovery_and_many_large_answers_still_reopens() {
     }
     log.flush().await.expect("flush");
     log.close().await;
-    let log = DiskLog::open(&dir, limits).expect("reopens after the recovered writes' segments went");
+    let log = DiskLog::open(&dir, limits, None).expect("reopens after the recovered writes' segments went");
     assert!(seqs(&log, "b:1").await.is_empty());
     let keys = log.idempotency_keys(3_600_000, now_ms()).await.expect("keys");
     assert_eq!(keys.len(), 300, "every key outlived its segment");
@@ -516,4 +531,228 @@ async fn a_recovery_leaves_out_writes_every_backend_refused(kind: Kind) {
     assert_eq!(recovered.queued, 2, "{recovered:?}");
     assert_eq!(seqs(&*log, "b:1").await, [0, 1]);
     assert!(log.dead_letters(DeadFilter::default(), 10).await.expect("list").is_empty());
+}
+
+const KEY_1: [u8; seal::KEY_BYTES] = [1; seal::KEY_BYTES];
+const KEY_2: [u8; seal::KEY_BYTES] = [2; seal::KEY_BYTES];
+
+fn keyring(keys: &[[u8; seal::KEY_BYTES]]) -> Arc<seal::Keyring> {
+    Arc::new(seal::Keyring::from_keys(keys.to_vec(), Path::new("test-keys")).expect("keys"))
+}
+
+/// Every file under `dir` (recursively) with its bytes, as `grep -r` reads them.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            let bytes = std::fs::read(&path).expect("read");
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A write whose body and headers carry secrets, with an idempotency record (whose body hash is the body's).
+fn secret_write(seq: u64) -> (StoredDelivery, KeyRecord) {
+    let mut w = write(seq);
+    w.body = format!("username=u{seq}&password=hunter2-{seq}").into_bytes();
+    w.headers.push(("authorization".into(), format!("Bearer token-{seq}").into_bytes()));
+    let record = KeyRecord {
+        delivery_id: u128::from(seq) + 100,
+        body_hash: crate::replay::request_hash(&w.method, &w.path_and_query, &w.body),
+        at_ms: now_ms(),
+        answer: None,
+    };
+    (w, record)
+}
+
+/// Stores secret writes `seqs` (ids `seq + 100`, idempotency keys `key-{seq}`), with an answer for each, and
+/// closes the log.
+async fn store_secrets(dir: &Path, keys: Option<Arc<seal::Keyring>>, seqs: std::ops::Range<u64>) {
+    let log = DiskLog::open(dir, LIMITS, keys).expect("open");
+    log.startup(pool()).await.expect("startup");
+    for seq in seqs {
+        let (w, mut record) = secret_write(seq);
+        let key = format!("key-{seq}");
+        log.append(u128::from(seq) + 100, w, Some((&key, &record))).await.expect("append");
+        record.answer = Some(crate::replay::StoredAnswer {
+            status: 201,
+            content_type: None,
+            body: format!("welcome u{seq}, token-{seq}").into_bytes(),
+        });
+        log.answer(&key, &record);
+    }
+    log.close().await;
+}
+
+/// Finding 4 of the attack runs: passwords readable in the outbox file. With a key, no body, forwarded header,
+/// body hash or stored answer is in any file of the store, and the writes come back whole after a reopen.
+#[tokio::test]
+async fn encrypted_bodies_are_not_findable_in_the_files() {
+    let dir = temp_dir("sealed");
+    store_secrets(&dir, Some(keyring(&[KEY_1])), 0..20).await;
+    let files = files_under(&dir);
+    assert!(!files.is_empty());
+    for (path, bytes) in &files {
+        for seq in 0..20 {
+            let (w, record) = secret_write(seq);
+            for secret in [format!("hunter2-{seq}").as_bytes(), format!("token-{seq}").as_bytes(), &record.body_hash] {
+                assert!(!holds(bytes, secret), "{} holds a secret of write {seq}", path.display());
+            }
+            assert!(!holds(bytes, &w.body));
+        }
+    }
+
+    let log = DiskLog::open(&dir, LIMITS, Some(keyring(&[KEY_1]))).expect("reopens with its key");
+    let loaded = log.pending(&label("a:1"), HashSet::new(), 100, None).await.expect("pending");
+    assert_eq!(loaded.len(), 20);
+    for l in &loaded {
+        assert_eq!(l.delivery, secret_write(l.seq).0, "the write comes back whole");
+    }
+    let keys = log.idempotency_keys(u64::MAX, now_ms()).await.expect("keys");
+    assert_eq!(keys.len(), 20);
+    assert!(keys.iter().all(|(_, r)| r.answer.as_ref().is_some_and(|a| a.status == 201)), "answers kept");
+    let recovered = log.recover(&label("b:1"), 0).await.expect("recovery reads the encrypted history");
+    assert_eq!(recovered.upto_seq, Some(19));
+    log.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A start without the key, or with another key only, is refused with one line naming the flag and the key id
+/// (not a panic, not a silent drop); with the old key kept below a new one (rotation) it opens, new records
+/// are sealed with the new key, and once both are there neither can go.
+#[tokio::test]
+async fn a_missing_key_refuses_the_start_and_rotation_keeps_the_old_key() {
+    let dir = temp_dir("rotate");
+    store_secrets(&dir, Some(keyring(&[KEY_1])), 0..3).await;
+    let id_1 = seal::KeyId::of(&KEY_1).to_string();
+    let id_2 = seal::KeyId::of(&KEY_2).to_string();
+
+    for (keys, needle) in [(None, "no key file is given"), (Some(keyring(&[KEY_2])), "which test-keys does not hold")] {
+        let err = DiskLog::open(&dir, LIMITS, keys).err().expect("refused");
+        let line = err.to_string();
+        assert!(matches!(err, LogError::Sealed(_)), "{line}");
+        assert!(line.starts_with("--encryption-key-file (ENCRYPTION_KEY_FILE): "), "{line}");
+        assert!(line.contains(needle) && line.contains(&id_1) && !line.contains('\n'), "{line}");
+    }
+
+    store_secrets(&dir, Some(keyring(&[KEY_2, KEY_1])), 3..6).await;
+    let files = files_under(&dir);
+    let segment = &files.iter().find(|(p, _)| p.extension().is_some_and(|e| e == "seg")).expect("a segment").1;
+    assert!(holds(segment, &seal::KeyId::of(&KEY_2).0), "new records name the new key");
+    let log = DiskLog::open(&dir, LIMITS, Some(keyring(&[KEY_2, KEY_1]))).expect("both keys open everything");
+    assert_eq!(seqs(&log, "c:1").await, [0, 1, 2, 3, 4, 5]);
+    log.close().await;
+    for only in [KEY_1, KEY_2] {
+        let err = DiskLog::open(&dir, LIMITS, Some(keyring(&[only]))).err().expect("a key is missing");
+        assert!(err.to_string().contains(if only == KEY_1 { &id_2 } else { &id_1 }), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writes stored in clear before encryption was turned on are still read (the record's tag says which); they
+/// stay in clear until the history drops them, and the writes after are sealed.
+#[tokio::test]
+async fn writes_stored_in_clear_are_read_once_encryption_is_on() {
+    let dir = temp_dir("clear-then-sealed");
+    store_secrets(&dir, None, 0..2).await;
+    store_secrets(&dir, Some(keyring(&[KEY_1])), 2..4).await;
+    let bytes: Vec<u8> = files_under(&dir).into_iter().flat_map(|(_, b)| b).collect();
+    assert!(holds(&bytes, b"hunter2-1"), "written before the key: in clear");
+    assert!(!holds(&bytes, b"hunter2-2") && !holds(&bytes, b"hunter2-3"), "written with the key: sealed");
+
+    let log = DiskLog::open(&dir, LIMITS, Some(keyring(&[KEY_1]))).expect("opens");
+    let loaded = log.pending(&label("a:1"), HashSet::new(), 100, None).await.expect("pending");
+    let bodies: Vec<_> = loaded.iter().map(|l| l.delivery.body.clone()).collect();
+    assert_eq!(bodies, (0..4).map(|s| secret_write(s).0.body).collect::<Vec<_>>());
+    log.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Puts the process's umask back when dropped.
+struct Umask(rustix::fs::Mode);
+
+impl Umask {
+    fn set(mode: rustix::fs::Mode) -> Self {
+        Umask(rustix::process::umask(mode))
+    }
+}
+
+impl Drop for Umask {
+    fn drop(&mut self) {
+        rustix::process::umask(self.0);
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+}
+
+/// Finding 4 of the attack runs: the outbox file was `0644` in a `0755` directory. Under a umask that takes
+/// nothing away, every directory the store creates is `0700` and every file `0600` (a torn tail kept aside
+/// included); a store left by an earlier version is tightened, and the operator's data directory is not
+/// changed.
+#[tokio::test]
+async fn the_store_is_private_whatever_the_umask() {
+    let data = temp_dir("modes");
+    let dir = data.join("log");
+    {
+        let _umask = Umask::set(rustix::fs::Mode::empty());
+        store_secrets(&dir, None, 0..2).await;
+        // A crash's torn tail: garbage at the end of the last segment, kept aside at the next open.
+        let segment = dir.join(format!("{:016x}.seg", 1));
+        let mut file = std::fs::OpenOptions::new().append(true).open(&segment).expect("open");
+        std::io::Write::write_all(&mut file, &[0xff; 16]).expect("append garbage");
+        drop(file);
+        store_secrets(&dir, None, 2..3).await;
+    }
+    let files = files_under(&data);
+    assert!(files.iter().any(|(p, _)| p.to_string_lossy().contains(".seg.torn-")), "a torn tail kept aside");
+    assert!(files.len() >= 2);
+    for (path, _) in &files {
+        assert_eq!(mode_of(path), 0o600, "{}", path.display());
+    }
+    assert_eq!(mode_of(&data), 0o700, "created by the store");
+    assert_eq!(mode_of(&dir), 0o700);
+
+    // An earlier version's store: loose modes on the operator's directory, the log's and its files.
+    use std::os::unix::fs::PermissionsExt;
+    let loose = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+    loose(&data, 0o755);
+    loose(&dir, 0o755);
+    for (path, _) in &files {
+        loose(path, 0o644);
+    }
+    DiskLog::open(&dir, LIMITS, None).expect("opens").close().await;
+    assert_eq!(mode_of(&data), 0o755, "the operator's directory is left as it is");
+    assert_eq!(mode_of(&dir), 0o700, "the log's own directory is tightened");
+    for (path, _) in files_under(&dir) {
+        assert_eq!(mode_of(&path), 0o600, "{}", path.display());
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// The encrypted record's tag is documented (docs/write-log.md section 7): the variant after the nine of earlier
+/// versions, which keep theirs. Only records with client data are sealed.
+#[test]
+fn only_records_with_client_data_are_sealed_and_the_tag_is_the_documented_one() {
+    use super::disk::{Codec, Record};
+    let codec = Codec::new(Some(keyring(&[KEY_1])));
+    let (w, record) = secret_write(1);
+    let sealed = codec.encode(&Record::Append { id: 101, write: w, key: Some(("k".into(), record.clone())) });
+    assert_eq!(sealed.expect("encodes")[0], 9);
+    let answer = codec.encode(&Record::Answer { key: "k".into(), record }).expect("encodes");
+    assert_eq!(answer[0], 9);
+    let settle = Record::DropRefused { id: 101 };
+    assert_eq!(codec.encode(&settle).expect("encodes"), Codec::default().encode(&settle).expect("encodes"));
+    let counters = Record::Checkpoint { keys: Vec::new(), max_seq: Some(3), dropped_upto_ms: None };
+    assert_eq!(codec.encode(&counters).expect("encodes")[0], 8, "a checkpoint of counters only stays in clear");
 }
