@@ -94,11 +94,17 @@ enum Phase {
 #[derive(Debug)]
 struct Clock {
     state: std::sync::Mutex<(Phase, Instant)>,
+    /// `Content-Length` fields in the head of the request being read, as counted on the wire (hyper merges
+    /// equal ones into one before the service sees the headers).
+    content_lengths: std::sync::atomic::AtomicU32,
 }
 
 impl Clock {
     fn new() -> Self {
-        Self { state: std::sync::Mutex::new((Phase::Head, Instant::now())) }
+        Self {
+            state: std::sync::Mutex::new((Phase::Head, Instant::now())),
+            content_lengths: std::sync::atomic::AtomicU32::new(0),
+        }
     }
 
     fn get(&self) -> (Phase, Instant) {
@@ -109,19 +115,55 @@ impl Clock {
         *crate::lock(&self.state) = (phase, Instant::now());
     }
 
-    /// Bytes arrived: after an idle spell they start a new request's head.
-    fn read_some(&self) {
+    /// Bytes arrived: after an idle spell they start a new request's head (returns true then).
+    fn read_some(&self) -> bool {
         let mut state = crate::lock(&self.state);
         if state.0 == Phase::Idle {
             *state = (Phase::Head, Instant::now());
+            return true;
+        }
+        false
+    }
+}
+
+/// The longest head [`HeadScan`] looks at (hyper refuses far shorter ones: fanout's headers are bounded at
+/// 32 KiB).
+const MAX_SCANNED_HEAD: usize = 64 * 1024;
+
+/// Counts the `Content-Length` fields of a request head as the bytes arrive. Only the head of a request read
+/// after an idle spell (or the connection's first) is scanned: a request pipelined behind another's body
+/// arrives while that one is busy, and nginx never pipelines.
+#[derive(Default)]
+struct HeadScan {
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl HeadScan {
+    /// Feeds `bytes`; once the head is complete, publishes its count in `clock`.
+    fn feed(&mut self, bytes: &[u8], clock: &Clock) {
+        let from = self.buf.len().saturating_sub(3);
+        self.buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SCANNED_HEAD.saturating_sub(self.buf.len()))]);
+        let end = self.buf[from..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| from + p);
+        if let Some(end) = end {
+            let count = self.buf[..end]
+                .split(|b| *b == b'\n')
+                .filter(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
+                .count();
+            clock.content_lengths.store(u32::try_from(count).unwrap_or(u32::MAX), Ordering::Relaxed);
+        }
+        if end.is_some() || self.buf.len() >= MAX_SCANNED_HEAD {
+            self.done = true;
+            self.buf = Vec::new();
         }
     }
 }
 
-/// The TCP stream, telling the [`Clock`] when bytes arrive.
+/// The TCP stream, telling the [`Clock`] when bytes arrive and what a head holds.
 struct Watched {
     stream: TcpStream,
     clock: Arc<Clock>,
+    scan: HeadScan,
 }
 
 impl AsyncRead for Watched {
@@ -129,7 +171,13 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.clock.read_some();
+            let this = &mut *self;
+            if this.clock.read_some() {
+                this.scan = HeadScan::default();
+            }
+            if !this.scan.done {
+                this.scan.feed(&buf.filled()[before..], &this.clock);
+            }
         }
         polled
     }
@@ -265,16 +313,21 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let clock = Arc::new(Clock::new());
-    let io = TokioIo::new(Watched { stream, clock: clock.clone() });
+    let io = TokioIo::new(Watched { stream, clock: clock.clone(), scan: HeadScan::default() });
     let service = {
         let clock = clock.clone();
         hyper::service::service_fn(move |mut request: Request<Incoming>| {
             clock.set(Phase::Busy);
+            let content_lengths = clock.content_lengths.swap(0, Ordering::Relaxed);
+            let refused = framing_error(&request, content_lengths);
             request.extensions_mut().insert(ConnectInfo(peer));
             let mut router = router.clone();
             let clock = clock.clone();
             async move {
-                let response = router.call(request.map(Body::new)).await;
+                let response = match refused {
+                    Some(why) => Ok(bad_framing(why)),
+                    None => router.call(request.map(Body::new)).await,
+                };
                 clock.set(Phase::Idle);
                 response
             }
@@ -313,6 +366,55 @@ async fn connection(
         Phase::Idle => metrics.idle_timeout.increment(1),
         Phase::Busy => {}
     }
+}
+
+/// What RFC 9112 says a server must refuse with `400`, and hyper lets through (README "Errors"): an HTTP/1.1
+/// request without exactly one `Host` (section 3.2), more than one `Content-Length` field even with equal
+/// values (section 6.3: nginx refuses them too), `chunked` applied more than once (section 7), or both
+/// `Transfer-Encoding` and `Content-Length` (section 6.1: the classic request-smuggling shape, which a server
+/// may refuse and fanout does, as nothing legitimate sends it).
+/// `content_lengths` is the count of `Content-Length` fields seen on the wire.
+fn framing_error<B>(request: &Request<B>, content_lengths: u32) -> Option<&'static str> {
+    let headers = request.headers();
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if request.version() == axum::http::Version::HTTP_11 && hosts != 1 {
+        return Some(if hosts == 0 { "an HTTP/1.1 request needs a Host header" } else { "more than one Host header" });
+    }
+    if hosts > 1 {
+        return Some("more than one Host header");
+    }
+    if content_lengths > 1 || headers.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        return Some("more than one Content-Length header");
+    }
+    let mut chunked = 0;
+    let mut encodings = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        encodings += 1;
+        let Ok(value) = value.to_str() else { return Some("an unreadable Transfer-Encoding header") };
+        chunked += value.split(',').filter(|c| c.trim().eq_ignore_ascii_case("chunked")).count();
+    }
+    if chunked > 1 {
+        return Some("chunked applied more than once in Transfer-Encoding");
+    }
+    // hyper drops Content-Length when Transfer-Encoding is present: the wire count says it was there.
+    if encodings > 0 && (content_lengths > 0 || headers.contains_key(header::CONTENT_LENGTH)) {
+        return Some("both Transfer-Encoding and Content-Length");
+    }
+    None
+}
+
+static BAD_FRAMING: Every = Every::new();
+
+/// `400` in JSON for a request refused by [`framing_error`]; the connection is closed after it (the rest of
+/// the stream cannot be trusted to start a request).
+fn bad_framing(why: &'static str) -> Response {
+    if let Some(n) = BAD_FRAMING.hit() {
+        tracing::info!(why, refused = n, "request refused with 400: its framing breaks RFC 9112");
+    }
+    let body = serde_json::json!({ "error": format!("bad request: {why} (RFC 9112); nothing was forwarded") });
+    let mut response = (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Resolves once `stop` says stop (or its sender is gone).
@@ -417,6 +519,22 @@ mod tests {
         assert_eq!(fitting_cap(10_000, Some(1_048_576), 500), 10_000);
         assert_eq!(fitting_cap(10_000, Some(1024), 200), 1024 - 200 - RESERVED_FILES as usize);
         assert_eq!(fitting_cap(10_000, Some(100), 200), 1, "never 0");
+    }
+
+    #[test]
+    fn the_head_scan_counts_content_length_fields_across_reads() {
+        let clock = Clock::new();
+        let mut scan = HeadScan::default();
+        let head = b"POST /r HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 3\r\nX: y\r\nContent-Length: 3\r\n\r\nabc";
+        for piece in head.chunks(5) {
+            scan.feed(piece, &clock);
+        }
+        assert!(scan.done);
+        assert_eq!(clock.content_lengths.load(Ordering::Relaxed), 2);
+        // A field that only ends in "content-length" is another field.
+        let mut scan = HeadScan::default();
+        scan.feed(b"GET / HTTP/1.1\r\nX-Content-Length: 1\r\nContent-Length: 0\r\n\r\n", &clock);
+        assert_eq!(clock.content_lengths.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -150,6 +150,7 @@ pub fn api_router(state: AppState, max_body: usize, body_timeout: Duration, list
         .route("/readyz", get(readyz))
         .route("/deliveries/{id}", get(delivery))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         // A body must be in within --body-timeout of the headers, however it trickles.
         .layer(middleware::from_fn_with_state((body_timeout, listener), crate::listen::body_deadline))
@@ -191,6 +192,7 @@ pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher, token: Option<Admi
         .route("/recoveries", get(list_recoveries).post(start_recovery))
         .route("/deliveries/{id}", get(admin_delivery))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(Admin { metrics, dispatcher, token })
 }
 
@@ -396,6 +398,10 @@ async fn not_found() -> Response {
         Json(json!({ "error": "no such route; writes are POST /register and POST /changePassword" })),
     )
         .into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, Json(json!({ "error": "method not allowed on this route" }))).into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

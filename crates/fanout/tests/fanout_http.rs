@@ -337,6 +337,11 @@ async fn endpoints_answer_and_unknown_routes_get_clear_errors() {
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     let wrong_method = c.get(lb.url("/register")).send().await.expect("get");
     assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body: serde_json::Value = wrong_method.json().await.expect("a 405 in JSON");
+    assert!(body["error"].is_string());
+    let admin_405 = c.put(format!("http://{}/metrics", lb.metrics)).send().await.expect("put");
+    assert_eq!(admin_405.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(admin_405.json::<serde_json::Value>().await.expect("json")["error"].is_string());
     let text = lb.metrics_text().await;
     assert!(text.contains("# HELP Total_domains_success_counter_total"), "{text}");
     assert!(text.contains(r#"fanout_requests_total{route="unmatched",status="404"}"#), "{text}");
