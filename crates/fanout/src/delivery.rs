@@ -35,6 +35,10 @@ use crate::queue::{Event, Events, Msg, NewEntry, QueueSettings, RecoveryStatus, 
 use crate::replay::{Check, KeyRecord, Replays, StoredAnswer};
 use crate::tally::{Decision, Tally};
 
+/// Refusals, each kind logged at most once a second with its count (the metrics count every one).
+static REFUSED_PENDING: crate::ratelog::Every = crate::ratelog::Every::new();
+static REFUSED_IN_FLIGHT: crate::ratelog::Every = crate::ratelog::Every::new();
+static NOT_STORED: crate::ratelog::Every = crate::ratelog::Every::new();
 /// The JSON summary of a delivery (`quorum`/`all` answers, `502`, `202`, `GET /deliveries/{id}`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -245,7 +249,10 @@ impl Shared {
                 self.broadcast(|| Msg::Stored(seq));
             }
             Err(err) => {
-                tracing::error!(delivery_id = %Uuid::from_u128(id), error = %err, "write not stored: refused, nothing sent");
+                self.metrics.store_failure();
+                if let Some(refused) = NOT_STORED.hit() {
+                    tracing::error!(error = %err, refused, "writes not stored: refused with 503, nothing sent");
+                }
                 self.broadcast(|| Msg::Dropped(seq));
                 if let Some(w) = self.waiting().remove(&id) {
                     let summary = Summary::from_view(Uuid::from_u128(id), w.tally.view(&[], 0));
@@ -342,12 +349,25 @@ impl Dispatcher {
         }
         if shared.log.unfinished() >= self.pending_limit() {
             shared.metrics.rejected();
+            if let Some(refused) = REFUSED_PENDING.hit() {
+                tracing::warn!(
+                    refused,
+                    max_pending = self.pending_limit(),
+                    "writes refused with 503: --max-pending writes are pending"
+                );
+            }
             return Err(SubmitError::Busy);
         }
         let permit = match shared.clients.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 shared.metrics.rejected();
+                if let Some(refused) = REFUSED_IN_FLIGHT.hit() {
+                    tracing::warn!(
+                        refused,
+                        "writes refused with 503: --max-in-flight clients are waiting for their answer"
+                    );
+                }
                 return Err(SubmitError::Busy);
             }
             Err(tokio::sync::TryAcquireError::Closed) => return Err(SubmitError::ShuttingDown),

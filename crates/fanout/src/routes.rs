@@ -26,6 +26,9 @@ use crate::metrics::{ListenerMetrics, Metrics};
 use crate::replay::{self, Check, KeyRecord, StoredAnswer};
 use crate::tally::Decision;
 
+/// Writes answered `502`, logged at most once a second with their count.
+static UNMET: crate::ratelog::Every = crate::ratelog::Every::new();
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -155,11 +158,12 @@ pub fn api_router(state: AppState, max_body: usize, body_timeout: Duration, list
         // A body must be in within --body-timeout of the headers, however it trickles.
         .layer(middleware::from_fn_with_state((body_timeout, listener), crate::listen::body_deadline))
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
-        // A 5xx we answer on purpose (503 at a bound, 502 when the ack policy cannot be met) is logged as a
-        // warning, not an error: it is load or a backend's state, not a fault of fanout.
+        // A 5xx we answer on purpose (503 at a bound or when the log cannot store, 502 when the ack policy cannot
+        // be met) is counted in the metrics and logged where it is decided, at most once a second per kind: one
+        // line per answer would flood the log under overload. Per request: debug level only.
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
-                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .with_state(state)
 }
@@ -501,6 +505,15 @@ async fn write(
         Some(Ok(Reply { decision: Decision::Refused, .. })) => return Err(refused(ApiError::StoreUnavailable)),
         Some(Ok(reply)) => {
             let answer = answer(reply.decision, state.dispatcher.ack_policy(), &reply.summary);
+            if answer.status == StatusCode::BAD_GATEWAY.as_u16()
+                && let Some(answered) = UNMET.hit()
+            {
+                tracing::warn!(
+                    answered,
+                    ack = state.dispatcher.ack_policy().as_str(),
+                    "writes answered 502: the ack policy could not be met"
+                );
+            }
             if let Some((k, record)) = idempotency {
                 state.dispatcher.answered(&k, id, record, answer.clone());
             }

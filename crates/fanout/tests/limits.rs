@@ -184,3 +184,39 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn overload_refusals_are_counted_each_and_logged_a_few_lines_a_second() {
+    // server3 is gone: every write stays pending there, so after 5 writes every new one is refused (503).
+    let pool = common::replicas(2).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let addrs = vec![pool[0].addr, pool[1].addr, dead];
+    let (mut lb, api, admin) = procs::fanout(&addrs, &["--max-pending", "5"]);
+    let started = tokio::time::Instant::now();
+    let clients = (0..16).map(|c| {
+        tokio::spawn(async move {
+            let mut refused = 0u64;
+            for n in 0..100 {
+                let form = format!("username=load{c}-{n}&password=pw");
+                let resp = common::post_form(&format!("http://{api}/register"), &form).await;
+                if resp.status() == 503 {
+                    refused += 1;
+                }
+            }
+            refused
+        })
+    });
+    let mut refused = 0;
+    for c in clients {
+        refused += c.await.expect("client");
+    }
+    assert!(refused >= 1500, "only {refused} of 1600 refused");
+    let counted = metric(admin, "fanout_rejected_writes_total").await.expect("counter");
+    assert!(counted >= refused as f64, "{counted} counted, {refused} refused");
+    let elapsed = started.elapsed().as_secs() + 1;
+    let lines = lb.all_lines(Duration::from_millis(500));
+    let noisy =
+        lines.iter().filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\"")).count() as u64;
+    // One kind of refusal line at most once a second, the breaker's "backend down" and a margin.
+    assert!(noisy <= elapsed + 4, "{noisy} warning/error lines in {elapsed} s for {refused} refused writes");
+}

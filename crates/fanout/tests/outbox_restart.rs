@@ -217,9 +217,79 @@ async fn a_write_that_cannot_be_stored_gets_503_and_is_sent_nowhere() {
         .status()
         .expect("remount");
     assert!(status.success());
+    // (After a failure the log waits up to a second before it tries the disk again.)
+    common::eventually(Duration::from_secs(30), "a write is stored again", || async {
+        common::post_form(&format!("http://{api}/register"), "username=after-room&password=pw").await.status() == 201
+    })
+    .await;
+    assert_eq!(reqwest::get(format!("http://{api}/readyz")).await.expect("readyz").status(), 200);
+}
+
+/// Found by an attack run: on a full disk every refused write logged several lines and reopened the store, and
+/// `/readyz` said ready while the disk still had no room. Now: not ready until a record is really stored again
+/// (with or without clients: the log probes on its own), a few lines a second however many writes are refused,
+/// every refusal counted.
+#[tokio::test]
+async fn a_full_disk_keeps_readyz_down_logs_a_few_lines_and_comes_back_on_its_own() {
+    let disk = SmallDisk::mount("1m");
+    let (mut backends, addrs) = three_backends();
+    let (mut fanout, api, admin) = procs::fanout_with_outbox(&addrs, FAST, disk.0.to_str().expect("utf-8"));
+    backends[2].0.kill();
+    let filler = "x".repeat(60 * 1024);
+    let mut i = 0;
+    loop {
+        i += 1;
+        assert!(i < 100, "the 1 MiB disk filled up within 100 writes of 60 KiB");
+        let form = format!("username=fill{i}&password={filler}");
+        if common::post_form(&format!("http://{api}/register"), &form).await.status() == 503 {
+            break;
+        }
+    }
+    let started = tokio::time::Instant::now();
+    // Hundreds of refused writes (as large: a small one may still fit), from eight clients at once.
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let clients = (0..8).map(|c| {
+        let refused = refused.clone();
+        let filler = filler.clone();
+        tokio::spawn(async move {
+            for n in 0..50 {
+                let form = format!("username=more{c}-{n}&password={filler}");
+                let status = common::post_form(&format!("http://{api}/register"), &form).await.status();
+                assert_eq!(status, 503, "a write was accepted on a full disk");
+                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    });
+    for c in clients {
+        c.await.expect("client");
+    }
+    // Not ready, and still not ready after the log's periodic probes have had their chance (3 of them).
+    for _ in 0..4 {
+        assert_eq!(reqwest::get(format!("http://{api}/readyz")).await.expect("readyz").status(), 503);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
+    let text = reqwest::get(format!("http://{admin}/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(common::sample(&text, "fanout_store_failures_total") >= Some(refused as f64), "{refused} refused");
+    let elapsed = started.elapsed().as_secs() + 1;
+    let lines = fanout.all_lines(Duration::from_millis(500));
+    let noisy =
+        lines.iter().filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("\"level\":\"WARN\"")).count() as u64;
+    // Two kinds of line (the refused writes, the log's failures), each at most once a second, and a margin.
+    assert!(noisy <= 2 * elapsed + 4, "{noisy} warning/error lines in {elapsed} s for {refused} refused writes");
+
+    // Room again: ready without any client write (the probe stored a record), then writes go through.
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m", disk.0.to_str().expect("utf-8")])
+        .status()
+        .expect("remount");
+    assert!(status.success());
+    common::eventually(Duration::from_secs(30), "ready again", || async {
+        reqwest::get(format!("http://{api}/readyz")).await.expect("readyz").status() == 200
+    })
+    .await;
     let again = common::post_form(&format!("http://{api}/register"), "username=after-room&password=pw").await;
     assert_eq!(again.status(), 201);
-    assert_eq!(reqwest::get(format!("http://{api}/readyz")).await.expect("readyz").status(), 200);
 }
 
 async fn write_all(api: SocketAddr, forms: Vec<(String, String)>) {

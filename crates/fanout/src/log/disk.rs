@@ -143,7 +143,17 @@ pub enum Record {
         /// The encrypted record.
         sealed: Sealed,
     },
+    /// Written (durably) once a second while the log is unhealthy, to find out whether records can be stored
+    /// again: [`PROBE_BYTES`] of zeros, the size of a large write, so that a disk with a few free bytes does not
+    /// pass for one with room. Means nothing when read back. Last, after [`Record::Sealed`].
+    Probe {
+        /// Zeros.
+        padding: Vec<u8>,
+    },
 }
+
+/// The size of a [`Record::Probe`]: a write with the largest default body (64 KiB, `--max-body`).
+const PROBE_BYTES: usize = 64 * 1024;
 
 impl Record {
     /// The delivery id a record is sealed under when encryption is on, or `None` for a record that carries
@@ -324,6 +334,7 @@ impl State {
                 self.max_seq = self.max_seq.max(max_seq);
                 self.dropped_upto_ms = self.dropped_upto_ms.max(dropped_upto_ms);
             }
+            Record::Probe { .. } => {}
             // The codec opened it: what it decoded to is never sealed again.
             Record::Sealed { .. } => return Err(LogError::Corrupt("a sealed record inside a sealed record".into())),
         }
@@ -690,13 +701,20 @@ impl WriteLog for DiskLog {
             state.index.trim(keep_delivered);
             state.index.prune_keys(window_ms, now_ms());
         }
-        // The lazy records of a quiet second become durable now rather than with the next write.
-        let flush = self.segments.flush();
-        tokio::spawn(async move {
-            if let Err(error) = flush.await {
-                tracing::warn!(%error, "write log: the periodic flush failed");
-            }
-        });
+        // The lazy records of a quiet second become durable now rather than with the next write. While the log
+        // is unhealthy, a probe record instead: only a durable write of some size proves it works again (and
+        // makes `/readyz` say ready), with or without clients writing.
+        if self.segments.healthy() {
+            let flush = self.segments.flush();
+            tokio::spawn(async move {
+                if let Err(error) = flush.await {
+                    tracing::warn!(%error, "write log: the periodic flush failed");
+                }
+            });
+        } else if let Ok(probe) = postcard::to_allocvec(&Record::Probe { padding: vec![0; PROBE_BYTES] }) {
+            // Its failure is the writer's to log (at most once a second).
+            drop(self.segments.append(probe, SyncMode::Now));
+        }
         self.retain();
     }
 

@@ -387,6 +387,8 @@ impl Segments {
             next_id: active.id + 1,
             active,
             broken: false,
+            retry_at: None,
+            retry_wait: FIRST_RETRY,
             fresh_segment_needed: false,
             buf: Vec::new(),
         };
@@ -711,6 +713,15 @@ impl Iterator for Replay {
 
 impl std::iter::FusedIterator for Replay {}
 
+/// After a failed batch, the writer waits this long before it touches the disk again, doubling per failure up
+/// to [`MAX_RETRY`]; batches queued meanwhile fail at once (their clients get `503`).
+const FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+/// The longest wait between two attempts after failures.
+const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Failed batches, logged at most once a second.
+static FAILED_BATCHES: crate::ratelog::Every = crate::ratelog::Every::new();
+
 /// The active segment, as the writer sees it.
 struct Active {
     id: u64,
@@ -732,6 +743,10 @@ struct Writer {
     next_id: u64,
     /// The last batch failed: the active file may hold garbage after `active.len`.
     broken: bool,
+    /// While broken: no new attempt before this instant (batches meanwhile fail at once, without I/O).
+    retry_at: Option<tokio::time::Instant>,
+    /// The wait after the next failure ([`FIRST_RETRY`] doubling up to [`MAX_RETRY`]).
+    retry_wait: std::time::Duration,
     /// The repair dropped records whose positions were handed out: they must not be reused.
     fresh_segment_needed: bool,
     /// The batch's frames, reused.
@@ -766,9 +781,25 @@ impl Writer {
     }
 
     fn handle(&mut self, batch: Vec<Request>) {
-        match self.write_batch(&batch) {
+        // Only a durable write proves the log works again: an empty flush (cutting a tail back succeeds on a
+        // full disk) or lazy bytes in the page cache do not.
+        let proves = batch.iter().any(|r| r.sync == SyncMode::Now && !r.records.is_empty());
+        let waiting = self.broken && self.retry_at.is_some_and(|at| tokio::time::Instant::now() < at);
+        let result = if waiting {
+            Err(SegmentError::Io {
+                path: self.active.path.clone(),
+                source: io::Error::other("waiting before the next attempt after an I/O failure"),
+            })
+        } else {
+            self.write_batch(&batch)
+        };
+        match result {
             Ok(positions) => {
-                self.shared.healthy.store(true, Ordering::Relaxed);
+                if proves && !self.shared.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("write log: records are stored again");
+                }
+                self.retry_at = None;
+                self.retry_wait = FIRST_RETRY;
                 for (request, positions) in batch.into_iter().zip(positions) {
                     if let Some(reply) = request.reply {
                         let _ = reply.send(Ok(positions));
@@ -776,7 +807,13 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, requests = batch.len(), "write log: a batch failed; repairing at the next one");
+                if !waiting {
+                    if let Some(failures) = FAILED_BATCHES.hit() {
+                        tracing::error!(error = %e, failures, retry_in = ?self.retry_wait, "write log: writing failed; retrying with backoff");
+                    }
+                    self.retry_at = Some(tokio::time::Instant::now() + self.retry_wait);
+                    self.retry_wait = (self.retry_wait * 2).min(MAX_RETRY);
+                }
                 self.shared.healthy.store(false, Ordering::Relaxed);
                 self.broken = true;
                 for request in batch {
@@ -890,7 +927,7 @@ impl Writer {
             self.rotate()?;
             self.fresh_segment_needed = false;
         }
-        tracing::info!(file = %self.active.path.display(), "write log: repaired after the I/O failure");
+        tracing::debug!(file = %self.active.path.display(), "write log: repaired after the I/O failure");
         Ok(())
     }
 
@@ -1641,8 +1678,9 @@ mod tests {
         log.shared().faults.writes.store(1, Ordering::Relaxed);
         assert!(matches!(log.append(record(2), SyncMode::Now).await, Err(SegmentError::Io { .. })));
         assert!(!log.healthy());
-        // No position beyond the synced length was handed out: the segment goes on where it was.
-        let next = log.append(record(3), SyncMode::Now).await.expect("append after the failure");
+        // No position beyond the synced length was handed out: the segment goes on where it was (once the
+        // writer's wait after the failure is over).
+        let next = append_after_failure(&log, record(3)).await;
         assert_eq!(next, Position { segment: 1, offset: end });
         assert!(log.healthy());
         log.close();
@@ -1650,6 +1688,22 @@ mod tests {
         let log = tmp.open(1 << 20);
         assert_eq!(replayed(&log), [(first, record(1)), (next, record(3))]);
         log.close();
+    }
+
+    /// Appends `r` durably, retrying while the writer waits after a failure (each retry's batch fails at once,
+    /// without touching the disk, until [`FIRST_RETRY`] has passed).
+    async fn append_after_failure(log: &Segments, r: Vec<u8>) -> Position {
+        for _ in 0..200 {
+            match log.append(r.clone(), SyncMode::Now).await {
+                Ok(at) => return at,
+                Err(SegmentError::Io { source, .. }) if source.to_string().contains("waiting before") => {
+                    assert!(!log.healthy());
+                    tokio::time::sleep(FIRST_RETRY / 2).await;
+                }
+                Err(e) => panic!("append after the failure: {e}"),
+            }
+        }
+        panic!("the writer never tried again");
     }
 
     #[tokio::test]
@@ -1661,7 +1715,7 @@ mod tests {
         log.shared().faults.syncs.store(1, Ordering::Relaxed);
         assert!(matches!(log.append(record(3), SyncMode::Now).await, Err(SegmentError::Io { .. })));
         assert!(!log.healthy());
-        let next = log.append(record(4), SyncMode::Now).await.expect("append after the failure");
+        let next = append_after_failure(&log, record(4)).await;
         assert!(log.healthy());
         // The lazy record may not have reached the disk: it is dropped (as a crash would), segment 1 is cut back
         // to its last sync and sealed, and the log goes on in a fresh segment.
