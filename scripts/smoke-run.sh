@@ -49,6 +49,19 @@ for p in "${ports[@]}"; do
   [ $ok = 1 ] || fail "schef is not on the backend at port $p: $(curl -sS "127.0.0.1:$p/users")"
 done
 
+# The admin port: reads are open, actions need the token make run wrote (the README's curl lines).
+admin="http://127.0.0.1:$FANOUT_METRICS_PORT"
+curl -fsS "$admin/dead-letters" | grep -q '"count":0' || fail "GET /dead-letters"
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$admin/dead-letters/redrive")
+[ "$code" = 401 ] || fail "a redrive without the token answered $code, not 401"
+redrive=$(curl -fsS -H "Authorization: Bearer $(cat "$RUN_DIR/admin-token")" -X POST "$admin/dead-letters/redrive") \
+  || fail "a redrive with the token of $RUN_DIR/admin-token was refused"
+[ "$redrive" = '{"redriven":0}' ] || fail "redrive answered: $redrive"
+[ "$(stat -c %a "$RUN_DIR/admin-token")" = 600 ] || fail "$RUN_DIR/admin-token is not 0600"
+# nginx forwards none of it.
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$lb/dead-letters/redrive")
+[ "$code" = 404 ] || fail "nginx answered $code to /dead-letters/redrive, not 404"
+
 # Ctrl-C stops everything.
 trap 'rm -f "$log"' EXIT
 kill -INT -- "-$job"
@@ -58,4 +71,4 @@ for p in "$NGINX_PORT" "$FANOUT_PORT" "$FANOUT_METRICS_PORT" "${ports[@]}"; do
 done
 grep -q "stopping 5 processes" "$log" || fail "Ctrl-C did not stop the stack in order"
 if grep -q "a process of the stack exited" "$log"; then fail "Ctrl-C was reported as a crash"; fi
-echo "smoke: make run works: /login rotates over 3 servers, writes reach all 3 backends, Ctrl-C stops everything"
+echo "smoke: make run works: /login rotates over 3 servers, writes reach all 3 backends, admin actions need the token, Ctrl-C stops everything"
