@@ -207,6 +207,10 @@ pub async fn run(
         ack = config.ack.as_str(),
         max_attempts = config.max_attempts,
         admin_actions = if config.admin_token_file.is_some() || config.admin_token.is_some() { "token" } else { "disabled" },
+        max_connections,
+        header_timeout = ?config.header_timeout,
+        idle_timeout = ?config.idle_timeout,
+        body_timeout = ?config.body_timeout,
         data_dir = %config.outbox_dir().map_or_else(|| "(in memory)".to_owned(), |d| d.display().to_string()),
         "fanout listening"
     );
