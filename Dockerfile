@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Images of the fan-out stack, one target per binary:
 #   docker build --target fanout -t fanout-stack/fanout:local .
 #   docker build --target demo-backend -t fanout-stack/demo-backend:local .

@@ -57,6 +57,9 @@ for f in "${compose_files[@]}"; do
   "$venv/bin/docker-compose" -f "$f" config -q
   echo "ok: $f"
 done
+# The headless override is only valid on top of the Locust compose file.
+"$venv/bin/docker-compose" -f locust_load_test/docker-compose.yml -f locust_load_test/headless.yml config -q
+echo "ok: locust_load_test/docker-compose.yml + headless.yml"
 
 step "hadolint"
 mapfile -t dockerfiles < <(git ls-files --cached --others --exclude-standard 'Dockerfile' '*/Dockerfile' '*.Dockerfile')
