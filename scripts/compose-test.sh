@@ -95,8 +95,12 @@ wait_for() {
     sleep 0.5
   done
 }
-# A metric's value (first sample of NAME without labels, or NAME{LABELS} exactly) from URL, or "" when absent.
-metric() { curl -fsS --max-time 10 "${admin_curl[@]}" "$1" | awk -v n="$2" '$1 == n { print $2; exit }'; }
+# A metric's value from URL: the first sample named exactly NAME (or NAME{LABELS} as exposed), "" when absent.
+metric() {
+  local text
+  text=$(curl -fsS --max-time 10 "${admin_curl[@]}" "$1") || return 1
+  awk -v n="$2" '$1 == n && !found { print $2; found = 1 }' <<<"$text"
+}
 
 step "engine"
 if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
@@ -201,8 +205,13 @@ echo "  fanout_deliveries_in_flight before the kill: ${in_flight:-absent}"
 awk -v v="${in_flight:-0}" 'BEGIN { exit !(v > 0) }' || fail "no delivery pending before the kill: the outbox would not be tested"
 compose kill -s KILL fanout >/dev/null
 compose unpause server3 >/dev/null
+# Its health checks timed out while it was paused; `up --wait` gives up at once on an unhealthy dependency.
+wait_for "server3 healthy again" 60 sh -c "docker inspect -f '{{.State.Health.Status}}' \$(docker compose ps -q server3) | grep -qx healthy"
 TIMEOUT=240 compose up -d --no-build --wait --wait-timeout 180 || fail "docker compose up --wait after the kill"
-echo "  fanout restarted: $(compose ps --format '{{.Status}}' fanout)"
+# The restarted fanout says how many deliveries it found pending in its write log (the outbox volume).
+resumed=$(compose logs --no-color fanout | sed -n 's/.*resuming the queues left in the outbox.*pending=\([0-9]*\).*/\1/p' | tail -1)
+echo "  fanout restarted ($(compose ps --format '{{.Status}}' fanout)), resumed from its outbox: ${resumed:-nothing} pending"
+[ "${resumed:-0}" -gt 0 ] || fail "the restarted fanout resumed no pending delivery from its outbox"
 python3 scripts/compose-check.py converge --ledger "$ledger" --timeout 180 "${backends[@]/#/--backend=}" \
   || fail "an acknowledged write is missing after fanout's SIGKILL"
 
@@ -212,7 +221,8 @@ mkdir -p "$LOCUST_RESULTS" && chmod 777 "$LOCUST_RESULTS"
 locust_rc=0
 TIMEOUT=600 locust_compose up --no-color --scale "worker=$LOCUST_WORKERS" --exit-code-from master \
   >"$work/locust.log" 2>&1 || locust_rc=$?
-grep -E 'master-1 +\| ' "$work/locust.log" | sed 's/^[^|]*| //' | tail -25
+grep -E 'master-1 +\| ' "$work/locust.log" | sed 's/^[^|]*| //' \
+  | grep -E "$LOCUST_WORKERS workers connected|All users spawned|limit reached|exit code" || true
 [ -s "$LOCUST_RESULTS/stats.json" ] || { tail -30 "$work/locust.log"; fail "Locust wrote no stats (exit $locust_rc)"; }
 python3 locust_load_test/converge.py --stats "$LOCUST_RESULTS/stats.json" --metrics "$lb/metrics" "${admin_py[@]}" \
   "${backends[@]/#/--backend=}" --locust-exit "$locust_rc" || fail "Locust run (exit $locust_rc) or convergence"
