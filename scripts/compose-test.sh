@@ -105,7 +105,9 @@ metric() {
 step "engine"
 if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
   [ "$(id -u)" = 0 ] || fail "no Docker engine: sudo apt-get install docker.io"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io
+  echo "installing Debian's docker.io"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io; } \
+    >"$work/apt.log" 2>&1 || { tail -20 "$work/apt.log"; fail "apt-get install docker.io"; }
 fi
 if ! timeout 10 docker info >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] || fail "the Docker engine does not answer and this is not root: start dockerd"

@@ -28,7 +28,10 @@ have() { docker image inspect "$1" >/dev/null 2>&1; }
 make_debian() {
   local tag=$1
   case "$tag" in debian:12*|debian:bookworm*) ;; *) echo "docker-base: no stand-in for $tag (bookworm only)" >&2; exit 1 ;; esac
-  command -v mmdebstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap
+  if ! command -v mmdebstrap >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap; } \
+      >/tmp/docker-base-apt.log 2>&1 || { tail -20 /tmp/docker-base-apt.log >&2; exit 1; }
+  fi
   local mirror=http://deb.debian.org/debian
   # Like the official slim image: no manuals, documentation (copyright files kept) or translations; no apt lists;
   # apt keeps neither its package caches (*.bin, 80 MB in every layer that runs apt-get update) nor the .debs.
