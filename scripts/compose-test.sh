@@ -111,7 +111,8 @@ if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
 fi
 if ! timeout 10 docker info >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] || fail "the Docker engine does not answer and this is not root: start dockerd"
-  dockerd >/tmp/compose-test-dockerd.log 2>&1 &
+  # In its own session: a Ctrl-C (SIGINT to this process group) must not stop the engine before the cleanup.
+  setsid dockerd >/tmp/compose-test-dockerd.log 2>&1 &
   started_dockerd=$!
   echo "started dockerd (pid $started_dockerd, log /tmp/compose-test-dockerd.log); it is stopped at the end"
   wait_for "dockerd answers" 60 docker info
