@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Images of the fan-out stack, one target per binary:
 #   docker build --target fanout -t fanout-stack/fanout:local .
 #   docker build --target demo-backend -t fanout-stack/demo-backend:local .
@@ -21,8 +20,11 @@ FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --locked --workspace --recipe-path recipe.json
 COPY . .
+# The release profile keeps line tables (for profiling, BENCHMARKS.md); the images drop all debug information and
+# keep the symbols, so a backtrace still names its functions (fanout's binary: 42 MB -> 8 MB).
 RUN cargo build --release --locked --workspace --bins \
-    && install -m 0755 target/release/fanout target/release/demo-backend /usr/local/bin/
+    && install -m 0755 target/release/fanout target/release/demo-backend /usr/local/bin/ \
+    && strip --strip-debug /usr/local/bin/fanout /usr/local/bin/demo-backend
 
 FROM ${RUNTIME_IMAGE} AS runtime
 # curl serves the HEALTHCHECKs. Debian's security archive keeps one version per release, so pinning it would

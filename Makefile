@@ -1,5 +1,5 @@
 # Entry points of the project; .ci/run calls the same targets.
-.PHONY: all build release run test lint fmt smoke docker-lint load-test bench bench-memory wrk-available up down logs images clean help
+.PHONY: all build release run test lint fmt smoke docker-lint compose-test load-test bench bench-memory wrk-available up down logs images clean help
 
 CARGO ?= cargo
 
@@ -14,6 +14,7 @@ help:
 	@echo "make bench  - fanout side by side with nginx's mirror, nginx proxying and a direct backend (BENCH_ARGS=...)"
 	@echo "make bench-memory - RSS per pending delivery with a dead backend, the in-flight bound, the drain (MEMORY_ARGS=...)"
 	@echo "make docker-lint - validates Dockerfile, compose files, nginx template, Prometheus and Grafana config"
+	@echo "make compose-test - docker compose up of the real images, checked end to end, then down -v (starts an engine when needed)"
 	@echo "make up / down / logs / images - the Docker stack (needs a Docker engine)"
 	@echo "make build / release / clean"
 
@@ -48,6 +49,10 @@ smoke:
 
 docker-lint:
 	./scripts/validate-docker.sh
+
+# The Docker path run for real: see scripts/compose-test.sh (WRITES, LOCUST_* and the compose file's variables).
+compose-test:
+	./scripts/compose-test.sh
 
 # USERS, SPAWN_RATE, DURATION, SKIP_SOME_REQUESTS: see scripts/load-test.sh.
 load-test:

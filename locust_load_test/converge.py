@@ -3,7 +3,7 @@
 checks that every backend holds the same users (name, version, password fingerprint).
 
   usage: converge.py --stats STATS_JSON --metrics URL --backend URL [--backend URL ...] [--drain-timeout S]
-                     [--locust-exit N]
+                     [--locust-exit N] [--metrics-header "NAME: VALUE"]
 
 Prints one summary and exits 1 on any failed request, a drain that did not finish, or any divergence.
 Standard library only.
@@ -15,8 +15,13 @@ import time
 import urllib.request
 
 
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as resp:
+def fetch(url: str, header: str = "") -> str:
+    """GET url; header, when given, is one "Name: value" request header."""
+    req = urllib.request.Request(url)
+    if header:
+        name, _, value = header.partition(":")
+        req.add_header(name.strip(), value.strip())
+    with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.read().decode()
 
 
@@ -49,6 +54,7 @@ def main() -> int:
     ap.add_argument("--backend", action="append", required=True, help="a backend's base URL (GET /users)")
     ap.add_argument("--drain-timeout", type=float, default=120.0)
     ap.add_argument("--locust-exit", type=int, default=0)
+    ap.add_argument("--metrics-header", default="", help='a "Name: value" header for --metrics (admin auth)')
     args = ap.parse_args()
 
     # Locust's final stats (--json-file): one entry per endpoint, response times as {rounded ms: count}.
@@ -70,7 +76,7 @@ def main() -> int:
     drained = False
     while time.monotonic() - started < args.drain_timeout:
         try:
-            if gauge(fetch(args.metrics), "fanout_deliveries_in_flight") == 0.0:
+            if gauge(fetch(args.metrics, args.metrics_header), "fanout_deliveries_in_flight") == 0.0:
                 drained = True
                 break
         except OSError:

@@ -38,10 +38,17 @@ def main() -> int:
     if template_vars != render_vars:
         problems.append(f"nginx/render.sh substitutes {sorted(render_vars)} but the template uses {sorted(template_vars)}")
 
+    # A service runs the program of its build target, or, without a `build:` section, of the service that builds
+    # its image (server2 and server3 run the image server1 builds).
+    built = {svc.get("image"): (svc.get("build") or {}).get("target") for svc in services.values() if svc.get("build")}
+
+    def target_of(svc: dict):
+        return (svc.get("build") or {}).get("target") or built.get(svc.get("image"))
+
     seen_targets = set()
     for name, svc in services.items():
         env = set((svc.get("environment") or {}).keys())
-        target = (svc.get("build") or {}).get("target")
+        target = target_of(svc)
         if target:
             seen_targets.add(target)
             if target not in readers:
@@ -63,7 +70,7 @@ def main() -> int:
         for entry in pool.split(","):
             host, _, port = entry.strip().rpartition(":")
             backend = services.get(host)
-            if backend is None or (backend.get("build") or {}).get("target") != "demo-backend":
+            if backend is None or target_of(backend) != "demo-backend":
                 problems.append(f"service {name}: BACKEND_POOL entry {entry!r} is not a demo-backend service")
             elif (backend.get("environment") or {}).get("SERVER_PORT") != port:
                 problems.append(f"service {name}: {entry!r} but {host} listens on SERVER_PORT={backend['environment'].get('SERVER_PORT')}")

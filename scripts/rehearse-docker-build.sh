@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rehearses the Dockerfile's build stages without a Docker engine (part of `make docker-lint`): the same
-# cargo-chef version, `cargo chef prepare` on the build context (the files git tracks, as .dockerignore keeps
-# target/ and the like out), `cargo chef cook` from the recipe alone, then the release build with --locked.
+# cargo-chef version, `cargo chef prepare` on the build context (the files git tracks under the paths
+# .dockerignore lets in), `cargo chef cook` from the recipe alone, then the release build with --locked.
 # It proves the recipe builds the dependency layer on its own and that only the workspace's crates are left to
 # compile once the sources arrive. What it cannot rehearse: the base images, apt-get and the runtime stages.
 set -euo pipefail
@@ -17,8 +17,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/planner" "$work/builder"
 
-# Build context: what git tracks (uncommitted edits included), minus what .dockerignore leaves out.
-git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$work/planner"
+# Build context: what git tracks (uncommitted edits included) under the paths .dockerignore lets in (its `!` lines).
+mapfile -t allowed < <(sed -n 's/^!\([^*]*\)$/\1/p' .dockerignore)
+[ ${#allowed[@]} -gt 0 ] || { echo "rehearse: .dockerignore lets nothing in" >&2; exit 1; }
+git ls-files -z --cached --others --exclude-standard -- "${allowed[@]}" | tar --null -T - -cf - | tar -xf - -C "$work/planner"
 (cd "$work/planner" && cargo chef prepare --recipe-path recipe.json)
 cp "$work/planner/recipe.json" "$work/builder/"
 (cd "$work/builder" && cargo chef cook --release --locked --workspace --recipe-path recipe.json)

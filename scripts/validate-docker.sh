@@ -57,6 +57,9 @@ for f in "${compose_files[@]}"; do
   "$venv/bin/docker-compose" -f "$f" config -q
   echo "ok: $f"
 done
+# The headless override is only valid on top of the Locust compose file.
+"$venv/bin/docker-compose" -f locust_load_test/docker-compose.yml -f locust_load_test/headless.yml config -q
+echo "ok: locust_load_test/docker-compose.yml + headless.yml"
 
 step "hadolint"
 mapfile -t dockerfiles < <(git ls-files --cached --others --exclude-standard 'Dockerfile' '*/Dockerfile' '*.Dockerfile')
@@ -81,18 +84,22 @@ promtool check config monitoring/prometheus.yml
 step "env var names: docker-compose.yml against the binaries and the template"
 cargo build -q --workspace --bins
 python3 scripts/check-compose-env.py "$work/compose.json" target/debug/fanout target/debug/demo-backend
-# The check itself must catch drift: a misspelt variable and a missing template variable.
+# The check itself must catch drift: misspelt variables (on a service that builds, and on one that only runs an
+# image) and a missing template variable.
 python3 - "$work/compose.json" "$work/drift.json" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1]))
 c["services"]["fanout"]["environment"]["BACKENDS_POOL"] = "server1:8080"
 del c["services"]["nginx"]["environment"]["LB_METRICS"]
+# server2 has no build section: it runs the image server1 builds, and is checked as a demo-backend all the same.
+c["services"]["server2"]["environment"]["SERVER_PORTS"] = "8080"
 json.dump(c, open(sys.argv[2], "w"))
 PY
 if python3 scripts/check-compose-env.py "$work/drift.json" target/debug/fanout target/debug/demo-backend > "$work/drift.out"; then
   echo "check-compose-env.py missed a drift" >&2; exit 1
 fi
 grep -q "BACKENDS_POOL is not read by fanout" "$work/drift.out" && grep -q "needs LB_METRICS" "$work/drift.out" \
+  && grep -q "service server2: SERVER_PORTS is not read by demo-backend" "$work/drift.out" \
   || { cat "$work/drift.out" >&2; exit 1; }
 echo "ok: a misspelt or missing variable is caught"
 

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Writes and convergence checks for the Docker stack (scripts/compose-test.sh). Standard library only.
+
+  compose-check.py writes --url URL --prefix P --count N [--change-every K] [--concurrency C] --ledger FILE
+      Registers users P-0 .. P-(N-1) through URL (nginx), then changes the password of every K-th one (after its
+      register was answered, so that its two writes are in order). Appends to FILE one line per acknowledged write
+      ("username version": the user's write count on a backend once it has them all; the demo backend counts
+      register and changePassword alike). Acknowledged: 201 (a backend applied it) or 202 (on fanout's disk, still
+      being delivered), both with an X-Delivery-Id. Exits 1 on any other answer or a transport error.
+
+  compose-check.py converge --ledger FILE --backend URL [--backend URL ...] [--timeout S]
+      Polls every backend's GET /users until each holds every user of the ledger at its final version and all
+      backends agree on every user (version and password fingerprint), or until S seconds (default 120) have
+      passed: then prints what is missing or differs and exits 1.
+"""
+import argparse
+import concurrent.futures
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+
+def post(url: str, fields: dict) -> tuple[int, str]:
+    """POST a form; returns (status, X-Delivery-Id or ""). HTTP error statuses are returned, not raised."""
+    data = urllib.parse.urlencode(fields).encode()
+    req = urllib.request.Request(url, data=data, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+            return resp.status, resp.headers.get("X-Delivery-Id", "")
+    except urllib.error.HTTPError as err:
+        err.read()
+        return err.code, err.headers.get("X-Delivery-Id", "")
+
+
+def writes(args) -> int:
+    base = args.url.rstrip("/")
+
+    def one_user(i: int) -> list[str]:
+        """The user's writes, in order; returns the ledger lines, raises on an unacknowledged write."""
+        name = f"{args.prefix}-{i}"
+        lines = []
+        plan = [("register", f"pw-{i}")]
+        if args.change_every and i % args.change_every == 0:
+            plan.append(("changePassword", f"pw-{i}-2"))
+        for version, (route, password) in enumerate(plan, start=1):
+            status, delivery = post(f"{base}/{route}", {"username": name, "password": password})
+            if status not in (201, 202) or not delivery:
+                raise RuntimeError(f"{route} {name}: status {status}, X-Delivery-Id {delivery or 'missing'}")
+            lines.append(f"{name} {version}")
+        return lines
+
+    started = time.monotonic()
+    acknowledged, failures = [], []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(one_user, i) for i in range(args.count)]):
+            try:
+                acknowledged.extend(fut.result())
+            except Exception as err:  # an answer other than 201/202, or a transport error
+                failures.append(str(err))
+    with open(args.ledger, "a") as f:
+        f.writelines(line + "\n" for line in acknowledged)
+    print(f"writes: {len(acknowledged)} acknowledged, {len(failures)} failed, {time.monotonic() - started:.1f} s")
+    for line in failures[:10]:
+        print(f"  failed: {line}")
+    return 1 if failures else 0
+
+
+def converge(args) -> int:
+    expected: dict[str, int] = {}
+    for line in open(args.ledger):
+        name, version = line.split()
+        expected[name] = max(expected.get(name, 0), int(version))
+    started = time.monotonic()
+    problems: list[str] = []
+    while True:
+        problems = []
+        views = {}
+        for url in args.backend:
+            try:
+                with urllib.request.urlopen(url.rstrip("/") + "/users", timeout=10) as resp:
+                    users = json.load(resp)["users"]
+                views[url] = {u["username"]: (u["version"], u["password_fingerprint"]) for u in users}
+            except OSError as err:
+                problems.append(f"{url}/users unreachable: {err}")
+        for url, view in views.items():
+            behind = [n for n, v in expected.items() if n not in view or view[n][0] < v]
+            if behind:
+                problems.append(f"{url}: {len(behind)} of {len(expected)} users missing or behind (e.g. {behind[0]})")
+        names = set().union(*(v.keys() for v in views.values())) if views else set()
+        differing = sorted(n for n in names if len({v.get(n) for v in views.values()}) != 1)
+        if differing:
+            problems.append(f"{len(differing)} users differ between backends (e.g. {differing[0]})")
+        elapsed = time.monotonic() - started
+        if not problems:
+            counts = ", ".join(f"{len(v)}" for v in views.values())
+            print(f"converged: {len(expected)} users, every backend holds them all ({counts} users), {elapsed:.1f} s")
+            return 0
+        if elapsed > args.timeout:
+            print(f"NOT converged after {args.timeout:.0f} s:")
+            for p in problems:
+                print(f"  {p}")
+            return 1
+        time.sleep(0.5)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("writes")
+    w.add_argument("--url", required=True)
+    w.add_argument("--prefix", required=True)
+    w.add_argument("--count", type=int, required=True)
+    w.add_argument("--change-every", type=int, default=3)
+    w.add_argument("--concurrency", type=int, default=8)
+    w.add_argument("--ledger", required=True)
+    c = sub.add_parser("converge")
+    c.add_argument("--ledger", required=True)
+    c.add_argument("--backend", action="append", required=True)
+    c.add_argument("--timeout", type=float, default=120.0)
+    args = ap.parse_args()
+    return writes(args) if args.cmd == "writes" else converge(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

