@@ -35,7 +35,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app \
-    && mkdir -p /data && chown 10001:10001 /data
+    && mkdir -p /data /secrets && chown 10001:10001 /data /secrets && chmod 0700 /data /secrets
 USER 10001:10001
 
 FROM runtime AS fanout

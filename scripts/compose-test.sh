@@ -41,9 +41,8 @@ project=fanout-stack
 locust_project=fanout-locust
 lb="http://127.0.0.1:$NGINX_HOST_PORT"
 backends=("http://$STACK_NET.11:8080" "http://$STACK_NET.12:8080" "http://$STACK_NET.13:8080")
-# fanout's admin routes (its metrics port, here reached through nginx's /metrics): the header every request to
-# them carries, "Name: value", or empty. The one place to set "Authorization: Bearer $(cat "$ADMIN_TOKEN_FILE")"
-# once fanout requires a token (and to give the fanout service its ADMIN_TOKEN_FILE).
+# fanout's metrics (its admin port, here reached through nginx's /metrics): the header every request to them
+# carries, "Name: value", or empty. Reads need no token; the admin actions are checked with the token below.
 admin_header=""
 admin_curl=() admin_py=()
 [ -z "$admin_header" ] || { admin_curl=(-H "$admin_header"); admin_py=(--metrics-header "$admin_header"); }
@@ -194,6 +193,17 @@ echo "  GET /metrics: $(curl -fsS --max-time 10 "${admin_curl[@]}" "$lb/metrics"
 wait_for "the exporter's nginx_up 1 on :$EXPORTER_HOST_PORT" 30 \
   sh -c "curl -fsS --max-time 5 http://127.0.0.1:$EXPORTER_HOST_PORT/metrics | grep -qx 'nginx_up 1'"
 echo "  :$EXPORTER_HOST_PORT/metrics: nginx_up 1, $(curl -fsS --max-time 5 "http://127.0.0.1:$EXPORTER_HOST_PORT/metrics" | grep -c '^nginx_') nginx_ samples"
+
+# The admin port (inside the stack's network): reads open, actions only with the token fanout's entrypoint made.
+admin_exec() { compose exec -T fanout sh -c "$1"; }
+[ "$(admin_exec 'stat -c %a /secrets/admin-token')" = 600 ] || fail "/secrets/admin-token is not 0600"
+code=$(admin_exec 'curl -s -o /dev/null -w "%{http_code}" -X POST http://127.0.0.1:8000/dead-letters/redrive')
+[ "$code" = 401 ] || fail "a redrive without the admin token answered $code, not 401"
+out=$(admin_exec 'curl -fsS -H "Authorization: Bearer $(cat /secrets/admin-token)" -X POST http://127.0.0.1:8000/dead-letters/redrive') \
+  || fail "a redrive with the admin token was refused"
+echo "  admin port: a redrive needs the token (401 without it), with it: $out"
+code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 -X POST "$lb/dead-letters/redrive")
+[ "$code" = 404 ] || fail "nginx answered $code to POST /dead-letters/redrive, not 404"
 
 step "$WRITES writes through nginx, then every backend holds them all"
 ledger="$work/ledger"
