@@ -39,6 +39,7 @@ use crate::tally::{Decision, Tally};
 static REFUSED_PENDING: crate::ratelog::Every = crate::ratelog::Every::new();
 static REFUSED_IN_FLIGHT: crate::ratelog::Every = crate::ratelog::Every::new();
 static NOT_STORED: crate::ratelog::Every = crate::ratelog::Every::new();
+static REFUSED_EVERYWHERE: crate::ratelog::Every = crate::ratelog::Every::new();
 /// The JSON summary of a delivery (`quorum`/`all` answers, `502`, `202`, `GET /deliveries/{id}`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -195,10 +196,14 @@ impl Events for Shared {
                 }
             }
             Event::RefusedEverywhere { id, backends } => {
-                tracing::info!(
-                    delivery_id = %Uuid::from_u128(id),
-                    "every backend refused this write: applied nowhere, its dead letters are dropped"
-                );
+                if let Some(writes) = REFUSED_EVERYWHERE.hit() {
+                    tracing::info!(
+                        delivery_id = %Uuid::from_u128(id),
+                        writes,
+                        "every backend refused this write: applied nowhere, its dead letters are dropped (this one \
+                         logged; `writes` since the last line)"
+                    );
+                }
                 // Their workers' dead-letter gauges follow.
                 for b in &backends {
                     self.tell(b, Msg::Discarded(1));

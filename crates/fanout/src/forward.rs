@@ -95,19 +95,70 @@ fn canonical(name: &HeaderName) -> &'static str {
 }
 
 /// The string value of `field` in a form (`application/x-www-form-urlencoded`, also assumed when there is no
-/// `Content-Type`) or JSON body; `None` when the body has no such field or does not parse (the backends will
-/// judge it). Used as the per-user ordering key.
-pub fn body_field(headers: &HeaderMap, body: &[u8], field: &str) -> Option<String> {
+/// `Content-Type`) or JSON body: the per-user ordering key. `Ok(None)` when the body has no such field, its
+/// value is not a string, or the content type is another (the backends will judge it).
+///
+/// # Errors
+/// [`UnorderedBody`] when the body does not parse in its declared format, or names `field` twice: a backend
+/// whose parser reads it differently could apply the write under a user fanout did not order it by (found by an
+/// attack run: a JSON number out of `f64`'s range made a strict parser give up on the whole body while the
+/// backend's, which skips unknown fields, applied it). Other fields are skipped unparsed, like a backend does.
+/// `headers` must be the headers as forwarded: a `Content-Type` the client named in `Connection` never reaches a
+/// backend, so it must not decide the format here either.
+pub fn body_field(headers: &HeaderMap, body: &[u8], field: &str) -> Result<Option<String>, UnorderedBody> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
     if mime.eq_ignore_ascii_case("application/json") {
-        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-        value.get(field)?.as_str().map(str::to_owned)
+        use serde::Deserializer as _;
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let found = de.deserialize_map(JsonField(field)).map_err(|_| UnorderedBody("JSON"))?;
+        de.end().map_err(|_| UnorderedBody("JSON"))?;
+        Ok(found)
     } else if mime.is_empty() || mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).ok()?;
-        pairs.into_iter().find(|(k, _)| k == field).map(|(_, v)| v)
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|_| UnorderedBody("form"))?;
+        let mut values = pairs.into_iter().filter(|(k, _)| k == field).map(|(_, v)| v);
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(UnorderedBody("form"));
+        }
+        Ok(first)
     } else {
-        None
+        Ok(None)
+    }
+}
+
+/// A body whose ordering key cannot be read for sure (see [`body_field`]): its format's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the body is not a valid {0} object with at most one ordering-key field (--ordering-key), so the write could not \
+     be kept in order; nothing was forwarded"
+)]
+pub struct UnorderedBody(pub &'static str);
+
+/// Finds one top-level field of a JSON object, skipping every other value without interpreting it.
+struct JsonField<'a>(&'a str);
+
+impl<'de> serde::de::Visitor<'de> for JsonField<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found: Option<Option<String>> = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == self.0 {
+                if found.is_some() {
+                    return Err(serde::de::Error::custom("the field appears twice"));
+                }
+                let value: serde_json::Value = map.next_value()?;
+                found = Some(value.as_str().map(str::to_owned));
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found.flatten())
     }
 }
 
@@ -259,15 +310,21 @@ mod tests {
     #[test]
     fn the_ordering_field_is_read_from_form_and_json_bodies() {
         let form = map(&[("content-type", "application/x-www-form-urlencoded; charset=utf-8")]);
-        assert_eq!(body_field(&form, b"password=x&username=ann%20b", "username").as_deref(), Some("ann b"));
-        assert_eq!(body_field(&HeaderMap::new(), b"username=ann", "username").as_deref(), Some("ann"));
-        assert_eq!(body_field(&form, b"password=x", "username"), None);
+        assert_eq!(body_field(&form, b"password=x&username=ann%20b", "username"), Ok(Some("ann b".into())));
+        assert_eq!(body_field(&HeaderMap::new(), b"username=ann", "username"), Ok(Some("ann".into())));
+        assert_eq!(body_field(&form, b"password=x", "username"), Ok(None));
+        assert_eq!(body_field(&form, b"username=a&username=b", "username"), Err(UnorderedBody("form")));
         let json = map(&[("content-type", "application/json")]);
-        assert_eq!(body_field(&json, br#"{"username":"cy","password":"p"}"#, "username").as_deref(), Some("cy"));
-        assert_eq!(body_field(&json, br#"{"username":7}"#, "username"), None);
-        assert_eq!(body_field(&json, b"{broken", "username"), None);
+        assert_eq!(body_field(&json, br#"{"username":"cy","password":"p"}"#, "username"), Ok(Some("cy".into())));
+        assert_eq!(body_field(&json, br#"{"username":7}"#, "username"), Ok(None));
+        assert_eq!(body_field(&json, b"{broken", "username"), Err(UnorderedBody("JSON")));
+        assert_eq!(body_field(&json, br#"{"username":"a","username":"b"}"#, "username"), Err(UnorderedBody("JSON")));
+        assert_eq!(body_field(&json, br#"{"username":"a"} trailing"#, "username"), Err(UnorderedBody("JSON")));
+        // Found by an attack run: a number no f64 holds, in another field, must not hide the user.
+        let padded = br#"{"username":"v","password":"p","pad":1e400,"deep":[{"x":-1e999}]}"#;
+        assert_eq!(body_field(&json, padded, "username"), Ok(Some("v".into())));
         let other = map(&[("content-type", "text/plain")]);
-        assert_eq!(body_field(&other, b"username=ann", "username"), None);
+        assert_eq!(body_field(&other, b"username=ann", "username"), Ok(None));
     }
 
     #[test]

@@ -48,6 +48,9 @@ use crate::ratelog::Every;
 /// Connections the admin port holds at most (Prometheus, an operator's curl, nginx's `/metrics` pass-through).
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
 
+/// Header fields a request may have (hyper refuses more with an empty `431`).
+const MAX_HEADER_FIELDS: usize = 1000;
+
 /// Open files kept for what is not a client connection: the backends' connection pools are added to it.
 const RESERVED_FILES: u64 = 128;
 
@@ -141,10 +144,24 @@ struct HeadScan {
 
 impl HeadScan {
     /// Feeds `bytes`; once the head is complete, publishes its count in `clock`.
-    fn feed(&mut self, bytes: &[u8], clock: &Clock) {
-        let from = self.buf.len().saturating_sub(3);
+    fn feed(&mut self, mut bytes: &[u8], clock: &Clock) {
+        if self.buf.is_empty() {
+            // Empty lines before the request line are skipped (RFC 9112 section 2.2; hyper does too): they must
+            // not pass for the end of the head.
+            let skip = bytes.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+            bytes = &bytes[skip..];
+            if bytes.is_empty() {
+                return;
+            }
+        }
+        let from = self.buf.len().saturating_sub(2);
         self.buf.extend_from_slice(&bytes[..bytes.len().min(MAX_SCANNED_HEAD.saturating_sub(self.buf.len()))]);
-        let end = self.buf[from..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| from + p);
+        // The empty line that ends the head, whether lines end in CRLF or in a bare LF (hyper accepts both).
+        let end = (from..self.buf.len()).find(|&i| {
+            self.buf[i] == b'\n'
+                && (self.buf.get(i + 1) == Some(&b'\n')
+                    || (self.buf.get(i + 1) == Some(&b'\r') && self.buf.get(i + 2) == Some(&b'\n')))
+        });
         if let Some(end) = end {
             let count = self.buf[..end]
                 .split(|b| *b == b'\n')
@@ -333,7 +350,9 @@ async fn connection(
             }
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+    // More header fields than hyper's default 100 (nginx passes up to its 32 KiB of headers): past them hyper
+    // refuses on its own, with an empty 431; below, fanout's own 32 KiB check answers in JSON.
+    let conn = hyper::server::conn::http1::Builder::new().max_headers(MAX_HEADER_FIELDS).serve_connection(io, service);
     tokio::pin!(conn);
     let stopping = async move {
         let _ = stop.wait_for(|s| *s).await;
@@ -391,7 +410,13 @@ fn framing_error<B>(request: &Request<B>, content_lengths: u32) -> Option<&'stat
     for value in headers.get_all(header::TRANSFER_ENCODING) {
         encodings += 1;
         let Ok(value) = value.to_str() else { return Some("an unreadable Transfer-Encoding header") };
-        chunked += value.split(',').filter(|c| c.trim().eq_ignore_ascii_case("chunked")).count();
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                // RFC 9112 section 6.1 says 501 for an unknown coding; fanout decodes none but chunked.
+                return Some(UNSUPPORTED_CODING);
+            }
+            chunked += 1;
+        }
     }
     if chunked > 1 {
         return Some("chunked applied more than once in Transfer-Encoding");
@@ -405,14 +430,18 @@ fn framing_error<B>(request: &Request<B>, content_lengths: u32) -> Option<&'stat
 
 static BAD_FRAMING: Every = Every::new();
 
+/// The refusal of a transfer coding other than `chunked`, answered `501`.
+const UNSUPPORTED_CODING: &str = "a transfer coding other than chunked";
+
 /// `400` in JSON for a request refused by [`framing_error`]; the connection is closed after it (the rest of
 /// the stream cannot be trusted to start a request).
 fn bad_framing(why: &'static str) -> Response {
     if let Some(n) = BAD_FRAMING.hit() {
         tracing::info!(why, refused = n, "request refused with 400: its framing breaks RFC 9112");
     }
+    let status = if why == UNSUPPORTED_CODING { StatusCode::NOT_IMPLEMENTED } else { StatusCode::BAD_REQUEST };
     let body = serde_json::json!({ "error": format!("bad request: {why} (RFC 9112); nothing was forwarded") });
-    let mut response = (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    let mut response = (status, axum::Json(body)).into_response();
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
@@ -535,6 +564,15 @@ mod tests {
         let mut scan = HeadScan::default();
         scan.feed(b"GET / HTTP/1.1\r\nX-Content-Length: 1\r\nContent-Length: 0\r\n\r\n", &clock);
         assert_eq!(clock.content_lengths.load(Ordering::Relaxed), 1);
+        // Found by an attack run: bare-LF line ends, and empty lines before the request line.
+        let mut scan = HeadScan::default();
+        for piece in
+            [&b"\r\n\r\n"[..], b"\n", b"POST / HTTP/1.1\nHost: a\nContent-Length: 2\n", b"Content-Length: 2\n\nab"]
+        {
+            scan.feed(piece, &clock);
+        }
+        assert!(scan.done);
+        assert_eq!(clock.content_lengths.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -271,6 +271,10 @@ type Finished = (u64, bool, Instant, AttemptResult);
 
 /// One backend's worker. Run it with [`Worker::run`].
 pub struct Worker {
+    /// Retry lines, at most one a second with the count (README "Metrics", logs).
+    retry_lines: crate::ratelog::Every,
+    /// Dead-letter lines, likewise: a client can make dead letters at will (writes every backend refuses).
+    dead_letter_lines: crate::ratelog::Every,
     index: usize,
     label: Arc<str>,
     addr: BackendAddr,
@@ -356,6 +360,8 @@ impl Worker {
             load_exhausted_below: None,
             finished_during_load: HashSet::new(),
             load_retry_at: None,
+            retry_lines: crate::ratelog::Every::new(),
+            dead_letter_lines: crate::ratelog::Every::new(),
             breaker: Breaker::new(settings.breaker(backoff)),
             budget: TpsBudget::new(BUDGET_TTL, settings.budget_min_per_sec, settings.budget_ratio),
             deferred: 0,
@@ -815,14 +821,17 @@ impl Worker {
                         next_probe_ms = u64::try_from(next).unwrap_or(u64::MAX),
                         "backend still down: probe failed"
                     );
-                } else if self.breaker.is_closed() {
+                } else if self.breaker.is_closed()
+                    && let Some(retries) = self.retry_lines.hit()
+                {
                     tracing::info!(
                         backend = %self.addr,
                         delivery_id = %uuid::Uuid::from_u128(id),
                         attempt = attempts,
                         outcome = outcome.as_str(),
                         wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                        "attempt failed, retrying"
+                        retries,
+                        "attempt failed, retrying (this one logged; `retries` since the last line)"
                     );
                 }
                 let due_ms = if wait.is_zero() { 0 } else { now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0) };
@@ -898,16 +907,20 @@ impl Worker {
                 self.metrics.dead_letter(*reason);
                 self.dead += 1;
                 self.metrics.dead_letters().set(self.dead as f64);
-                tracing::error!(
-                    backend = %self.addr,
-                    delivery_id = %uuid::Uuid::from_u128(e.id),
-                    attempts,
-                    reason = reason.as_str(),
-                    last_status,
-                    // The path only: a query string may carry credentials.
-                    path = e.request.path_and_query.split('?').next().unwrap_or_default(),
-                    "dead letter: the backend did not get this write; see GET /dead-letters on the admin port"
-                );
+                if let Some(dead_letters) = self.dead_letter_lines.hit() {
+                    tracing::error!(
+                        backend = %self.addr,
+                        delivery_id = %uuid::Uuid::from_u128(e.id),
+                        attempts,
+                        reason = reason.as_str(),
+                        last_status,
+                        dead_letters,
+                        // The path only: a query string may carry credentials.
+                        path = e.request.path_and_query.split('?').next().unwrap_or_default(),
+                        "dead letter: the backend did not get this write (this one logged; `dead_letters` since the \
+                         last line); see GET /dead-letters on the admin port"
+                    );
+                }
                 let row = DeadRow {
                     id: e.id,
                     attempts: *attempts,

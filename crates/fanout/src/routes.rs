@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, OriginalUri, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -48,6 +48,9 @@ pub enum ApiError {
     /// The request body could not be read or is too large (status from axum: 413 or 400).
     #[error("{0}")]
     Body(#[from] BytesRejection),
+    /// The body cannot be read for its ordering key.
+    #[error(transparent)]
+    Unordered(#[from] forward::UnorderedBody),
     /// A malformed identifier header.
     #[error(transparent)]
     BadHeader(#[from] forward::BadHeader),
@@ -108,7 +111,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             ApiError::Body(rejection) => rejection.status(),
-            ApiError::BadHeader(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadHeader(_) | ApiError::Unordered(_) => StatusCode::BAD_REQUEST,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnknownDelivery
@@ -275,11 +278,11 @@ async fn redrive_all(
 async fn redrive_one(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     admin.authorize(&headers)?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NoDeadLetter)?;
+    let id = delivery_id(id).ok_or(ApiError::NoDeadLetter)?;
     let backend = admin.backend(query(q)?.backend)?;
     let n = admin.dispatcher.redrive(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
     if n == 0 {
@@ -306,11 +309,11 @@ async fn discard_all(
 async fn discard_one(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     q: Result<Query<RedriveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     admin.authorize(&headers)?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NoDeadLetter)?;
+    let id = delivery_id(id).ok_or(ApiError::NoDeadLetter)?;
     let backend = query(q)?.backend;
     let n = admin.dispatcher.discard(backend, Some(id)).await.map_err(|_| ApiError::StoreUnavailable)?;
     if n == 0 {
@@ -414,23 +417,37 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: at --max-in-flight or --max-pending, the outbox failing, or shutting down\n",
+            Json(json!({
+                "error": "not ready: at --max-in-flight or --max-pending, the write log failing, or shutting down"
+            })),
         )
             .into_response()
     }
 }
 
+/// The delivery id of a `{id}` path segment; `None` for a segment that is not a UUID or not even valid
+/// percent-encoded UTF-8 (axum's own rejection of the latter would be plain text, not JSON).
+fn delivery_id(id: Result<Path<String>, PathRejection>) -> Option<Uuid> {
+    id.ok().and_then(|Path(id)| Uuid::parse_str(&id).ok())
+}
+
 /// `GET /deliveries/{id}` on the API port: the delivery's progress without the backends' addresses (this
 /// port faces clients; the admin port's route shows them).
-async fn delivery(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::UnknownDelivery)?;
+async fn delivery(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = delivery_id(id).ok_or(ApiError::UnknownDelivery)?;
     let summary = state.dispatcher.lookup(id).await.map_err(|_| ApiError::StoreUnavailable)?;
     Ok(Json(summary.ok_or(ApiError::UnknownDelivery)?.redacted()).into_response())
 }
 
 /// `GET /deliveries/{id}` on the admin port: the whole view, every backend named.
-async fn admin_delivery(State(admin): State<Admin>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::UnknownDelivery)?;
+async fn admin_delivery(
+    State(admin): State<Admin>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = delivery_id(id).ok_or(ApiError::UnknownDelivery)?;
     let summary = admin.dispatcher.lookup(id).await.map_err(|_| ApiError::StoreUnavailable)?;
     Ok(Json(summary.ok_or(ApiError::UnknownDelivery)?).into_response())
 }
@@ -448,7 +465,6 @@ async fn write(
         return Err(ApiError::HeadersTooLarge);
     }
     let body = body?;
-    let ordering_key = state.ordering_key.as_deref().and_then(|field| forward::body_field(&headers, &body, field));
     let client_key = forward::client_token(&headers, &IDEMPOTENCY_KEY)?;
     let request_id = forward::client_token(&headers, &X_REQUEST_ID)?;
     let id = Uuid::now_v7();
@@ -487,6 +503,13 @@ async fn write(
         // A small body parsed by hyper is a slice of the connection's read buffer (8 KiB and more); a pending
         // delivery holding that slice would pin the whole buffer. Its own exact-size copy costs one memcpy.
         body: Bytes::copy_from_slice(&body),
+    };
+    // Read from the headers as forwarded: the format a backend will parse the body in.
+    let ordering_key = match state.ordering_key.as_deref() {
+        Some(field) => {
+            forward::body_field(&request.headers, &request.body, field).map_err(|e| refused(ApiError::Unordered(e)))?
+        }
+        None => None,
     };
     let submitted =
         state.dispatcher.submit(id, request, ordering_key.as_deref(), idempotency.clone()).map_err(|e| {

@@ -53,7 +53,41 @@ async fn ambiguous_framing_is_refused_with_400_in_json_and_forwarded_nowhere() {
                 chunked.len()
             ),
         ),
+        // Found by an attack run: bare-LF line ends hid the second field from the check.
+        (
+            "two Content-Length, bare LF",
+            format!(
+                "POST /register HTTP/1.1\nHost: a\n{}Content-Length: {n}\nContent-Length: {n}\n\n{form}",
+                ct.replace("\r\n", "\n")
+            ),
+        ),
+        (
+            "Transfer-Encoding and Content-Length, bare LF",
+            format!(
+                "POST /register HTTP/1.1\nHost: a\n{}Content-Length: {}\nTransfer-Encoding: chunked\n\n{chunked}",
+                ct.replace("\r\n", "\n"),
+                chunked.len()
+            ),
+        ),
     ];
+    // RFC 9112 section 6.1: a transfer coding fanout does not decode is 501, not silently passed on.
+    let gzip = send(
+        lb.api,
+        &format!("POST /register HTTP/1.1\r\nHost: a\r\n{ct}Transfer-Encoding: gzip, chunked\r\n\r\n{chunked}"),
+    )
+    .await;
+    assert!(gzip.starts_with("HTTP/1.1 501"), "{gzip}");
+    assert!(gzip.contains("\"error\""), "{gzip}");
+    // A path segment that is not even UTF-8 gets fanout's JSON, not axum's text; an admin action is refused
+    // for want of the token before its path is looked at.
+    let bad = send(lb.api, "GET /deliveries/%FF HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert!(bad.starts_with("HTTP/1.1 404") && bad.contains("\"error\""), "{bad}");
+    let admin = send(
+        lb.metrics,
+        "POST /dead-letters/%FF/redrive HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(admin.starts_with("HTTP/1.1 401"), "{admin}");
     for (what, request) in &cases {
         let answer = send(lb.api, request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
