@@ -149,7 +149,7 @@ The stack is up (logs in ${RUN_DIR#"$root"/}/logs/):
   nginx status   $lb/nginx_status
   fanout metrics $lb/metrics    (also http://127.0.0.1:$FANOUT_METRICS_PORT/metrics)
   fanout API     http://127.0.0.1:$FANOUT_PORT   (GET /deliveries/{id})
-  backends       ${pool[*]}   (flaky: server${FLAKY_BACKENDS:-none}; GET /users on each)
+  backends       ${pool[*]}   (flaky: ${FLAKY_BACKENDS:+server}${FLAKY_BACKENDS:-none}; GET /users on each)
   outages        $(for p in "${control_ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)  (POST /down, /up, /slow?delay=2s, /flaky?share=0.5, /wipe)
   PIDs           ${RUN_DIR#"$root"/}/pids/{server1,server2,server3,fanout,nginx}.pid
   admin          http://127.0.0.1:$FANOUT_METRICS_PORT   (dead letters, recoveries; the token is in ${ADMIN_TOKEN_FILE#"$root"/})
