@@ -24,6 +24,9 @@ set -m # job control: each stack gets its own process group, as in a terminal
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+# The README's make commands behave as typed in a terminal, not as a sub-make of `make recipes-test` (which would
+# print "Entering directory" lines).
+unset MAKELEVEL MAKEFLAGS MFLAGS
 export PROFILE=${PROFILE:-release}
 export NGINX_PORT=${NGINX_PORT:-24080} FANOUT_PORT=${FANOUT_PORT:-24081} FANOUT_METRICS_PORT=${FANOUT_METRICS_PORT:-24000}
 export BACKEND_PORTS=${BACKEND_PORTS:-24001,24002,24003} CONTROL_PORTS=${CONTROL_PORTS:-24101,24102,24103}
