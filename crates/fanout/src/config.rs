@@ -55,7 +55,7 @@ impl AckPolicy {
     name = "fanout",
     version,
     about = "Delivers every write to every backend of the pool, retrying each one on its own.",
-    after_help = "Required: --backends (BACKEND_POOL). Durations take a unit (250ms, 64s, 1m, 1h 30m); a bare \
+    after_help = "Required: --backends (BACKEND_POOL). Durations take a unit (250ms, 64s, 1m 30s); a bare \
                   number is seconds (30 = 30s). Sizes take one too (64KiB, 1GiB). Every flag has the environment \
                   variable shown beside it. A bad value stops fanout at start with one line naming the flag."
 )]
