@@ -531,6 +531,9 @@ mod tests {
         assert_eq!(s.port, 8080);
         assert!(s.skip_some_requests);
         assert!((s.skip_probability - 0.2).abs() < f64::EPSILON);
+        // No control listener unless asked for, and on loopback when it is.
+        assert_eq!(s.control_port, None);
+        assert_eq!(s.control_host, std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST));
         let s = Settings::try_parse_from(["demo-backend", "--skip-some-requests", "false", "--response-delay", "50ms"])
             .expect("flags");
         assert!(!s.skip_some_requests);
