@@ -1,5 +1,5 @@
 # Entry points of the project; .ci/run calls the same targets.
-.PHONY: all build release run test lint fmt smoke docker-lint compose-test load-test bench bench-memory wrk-available up down logs images clean help
+.PHONY: all build release run reset recipes-test test lint fmt smoke docker-lint compose-test load-test bench bench-memory wrk-available up down logs images clean help
 
 CARGO ?= cargo
 
@@ -7,6 +7,8 @@ all: build
 
 help:
 	@echo "make run    - the whole stack on loopback (nginx :8080 -> fanout -> 3 demo backends), Ctrl-C stops it"
+	@echo "make reset  - removes make run's outbox and logs under .run/ (refuses while the stack runs)"
+	@echo "make recipes-test - runs the README's operator recipes, as written, against make run on spare ports"
 	@echo "make test   - unit, integration and end-to-end tests (installs nginx when missing and root)"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make smoke  - starts 'make run' in the background, tries the README's curl lines, stops it"
@@ -25,7 +27,13 @@ release:
 	$(CARGO) build --release --workspace --bins
 
 run:
-	./scripts/run-local.sh
+	@./scripts/run-local.sh
+
+reset:
+	@./scripts/reset-local.sh
+
+recipes-test:
+	./scripts/recipes-test.sh
 
 # The end-to-end tests need nginx and the demo-backend binary beside fanout's.
 test:

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The whole stack on this machine without Docker (`make run`): three demo backends (server3 drops one write in
 # five), fanout and nginx on loopback ports, from the same binaries and the same nginx template as the Docker
-# path. Prints the URLs and the curl lines to try; Ctrl-C (or SIGTERM) stops every process it started.
+# path. Prints the URLs and the curl lines to try; Ctrl-C (or SIGTERM) stops every process it started, and
+# Ctrl-C is a clean exit (status 0, so make reports no error).
+#
+# Each demo backend gets a control port on loopback (CONTROL_PORTS) to stage an outage without touching its
+# process: `curl -X POST 127.0.0.1:9103/down` (then /up, /slow?delay=2s, /flaky?share=0.5, /wipe). The PIDs of
+# the processes are in RUN_DIR/pids/NAME.pid while the stack runs (`make reset` reads them).
 #
 # Settings (environment):
 #   NGINX_PORT=8080  FANOUT_PORT=9080  FANOUT_METRICS_PORT=9000  BACKEND_PORTS=9001,9002,9003
+#   CONTROL_PORTS=9101,9102,9103 (the demo backends' control ports, on 127.0.0.1)
 #   FLAKY_BACKENDS=3 (which servers drop writes; "" for none)  PROFILE=release|debug  RUN_DIR=.run
 #   Any fanout variable (ACK_POLICY, MAX_ATTEMPTS, ...) and RUST_LOG pass through to the processes.
 set -euo pipefail
@@ -15,6 +21,7 @@ NGINX_PORT=${NGINX_PORT:-8080}
 FANOUT_PORT=${FANOUT_PORT:-9080}
 FANOUT_METRICS_PORT=${FANOUT_METRICS_PORT:-9000}
 BACKEND_PORTS=${BACKEND_PORTS:-9001,9002,9003}
+CONTROL_PORTS=${CONTROL_PORTS:-9101,9102,9103}
 FLAKY_BACKENDS=${FLAKY_BACKENDS-3}
 PROFILE=${PROFILE:-release}
 RUN_DIR=${RUN_DIR:-$root/.run}
@@ -38,17 +45,20 @@ fi
 # Every port must be free before anything starts: a port held by another process would otherwise make a
 # process of this stack exit (or, worse, let another server answer in its place).
 for spec in "nginx:$NGINX_PORT" "fanout:$FANOUT_PORT" "fanout metrics:$FANOUT_METRICS_PORT" \
-  $(IFS=,; for p in $BACKEND_PORTS; do echo "backend:$p"; done); do
+  $(IFS=,; for p in $BACKEND_PORTS; do echo "backend:$p"; done) \
+  $(IFS=,; for p in $CONTROL_PORTS; do echo "backend control:$p"; done); do
   port=${spec##*:}
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    fail "port $port (${spec%:*}) is already in use; pick another, e.g. NGINX_PORT=8081 FANOUT_PORT=9081 FANOUT_METRICS_PORT=9010 BACKEND_PORTS=9011,9012,9013 make run"
+    fail "port $port (${spec%:*}) is already in use; pick another, e.g. NGINX_PORT=8081 FANOUT_PORT=9081 FANOUT_METRICS_PORT=9010 BACKEND_PORTS=9011,9012,9013 CONTROL_PORTS=9111,9112,9113 make run"
   fi
 done
 
-mkdir -p "$RUN_DIR/logs"
+mkdir -p "$RUN_DIR/logs" "$RUN_DIR/pids"
 pids=()
+pid_files=()
 cleanup() {
   trap - INT TERM EXIT
+  rm -f "${pid_files[@]}"
   if [ ${#pids[@]} -gt 0 ]; then
     say "stopping ${#pids[@]} processes"
     kill -TERM "${pids[@]}" 2>/dev/null || true
@@ -62,7 +72,9 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT
+# Ctrl-C is how make run is meant to end: a clean exit. make gets the SIGINT too, and reports nothing when its
+# recipe exited 0 (with 130 it printed `Error 130`).
+trap 'exit 0' INT
 trap 'exit 143' TERM
 
 # start NAME CMD...: runs CMD in a session of its own (so that Ctrl-C reaches only this script, which then
@@ -72,6 +84,8 @@ start() {
   shift
   setsid "$@" >"$RUN_DIR/logs/$name.log" 2>&1 &
   pids+=($!)
+  echo $! >"$RUN_DIR/pids/$name.pid"
+  pid_files+=("$RUN_DIR/pids/$name.pid")
 }
 
 # wait_http NAME URL: polls URL until it answers 200, for up to 20 s; fails at once if the last process exited.
@@ -92,6 +106,8 @@ wait_http() {
 
 IFS=, read -r -a ports <<<"$BACKEND_PORTS"
 [ ${#ports[@]} = 3 ] || fail "BACKEND_PORTS must list three ports"
+IFS=, read -r -a control_ports <<<"$CONTROL_PORTS"
+[ ${#control_ports[@]} = 3 ] || fail "CONTROL_PORTS must list three ports"
 pool=()
 for i in 1 2 3; do
   port=${ports[$((i - 1))]}
@@ -99,8 +115,9 @@ for i in 1 2 3; do
   case ",$FLAKY_BACKENDS," in *",$i,"*) skip=true ;; esac
   pool+=("127.0.0.1:$port")
   SERVER_NAME="server$i" SERVER_HOST=127.0.0.1 SERVER_PORT="$port" SKIP_SOME_REQUESTS=$skip \
-    start "server$i" "$bin/demo-backend"
+    CONTROL_HOST=127.0.0.1 CONTROL_PORT="${control_ports[$((i - 1))]}" start "server$i" "$bin/demo-backend"
   wait_http "server$i" "http://127.0.0.1:$port/healthz"
+  wait_http "server$i" "http://127.0.0.1:${control_ports[$((i - 1))]}/"
 done
 
 # The admin token (the admin routes that change state need it): made once per RUN_DIR, readable by its owner only,
@@ -132,7 +149,9 @@ The stack is up (logs in ${RUN_DIR#"$root"/}/logs/):
   nginx status   $lb/nginx_status
   fanout metrics $lb/metrics    (also http://127.0.0.1:$FANOUT_METRICS_PORT/metrics)
   fanout API     http://127.0.0.1:$FANOUT_PORT   (GET /deliveries/{id})
-  backends       ${pool[*]}   (flaky: server${FLAKY_BACKENDS:-none}; GET /users on each)
+  backends       ${pool[*]}   (flaky: ${FLAKY_BACKENDS:+server}${FLAKY_BACKENDS:-none}; GET /users on each)
+  outages        $(for p in "${control_ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)  (POST /down, /up, /slow?delay=2s, /flaky?share=0.5, /wipe)
+  PIDs           ${RUN_DIR#"$root"/}/pids/{server1,server2,server3,fanout,nginx}.pid
   admin          http://127.0.0.1:$FANOUT_METRICS_PORT   (dead letters, recoveries; the token is in ${ADMIN_TOKEN_FILE#"$root"/})
 
 Try:
@@ -140,6 +159,7 @@ Try:
   curl -X POST -d 'username=schef' -d 'password=example' $lb/register
   curl -X POST -d 'username=schef' -d 'password=example' $lb/changePassword
   for p in ${ports[*]}; do curl -s 127.0.0.1:\$p/users; echo; done
+  curl -X POST 127.0.0.1:${control_ports[2]}/down     # server3 down; /up brings it back
 
 Ctrl-C stops everything.
 MSG

@@ -7,7 +7,7 @@ set -m # job control: the stack gets its own process group, as in a terminal
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export NGINX_PORT=${NGINX_PORT:-18080} FANOUT_PORT=${FANOUT_PORT:-19080} FANOUT_METRICS_PORT=${FANOUT_METRICS_PORT:-19000}
-export BACKEND_PORTS=${BACKEND_PORTS:-19001,19002,19003} RUN_DIR=${RUN_DIR:-$root/.run/smoke}
+export BACKEND_PORTS=${BACKEND_PORTS:-19001,19002,19003} CONTROL_PORTS=${CONTROL_PORTS:-19101,19102,19103} RUN_DIR=${RUN_DIR:-$root/.run/smoke}
 log=$(mktemp)
 fail() { echo "smoke: $*" >&2; echo "--- make run output:" >&2; cat "$log" >&2; exit 1; }
 

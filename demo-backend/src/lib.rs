@@ -9,14 +9,21 @@
 //! When asked to (`SKIP_SOME_REQUESTS=true`) it drops a share of writes with `500 request dropped by server`,
 //! before applying anything, so that the fanout service's retries can be watched.
 //!
+//! With `--control-port` (env `CONTROL_PORT`) it also serves a control listener, on loopback by default, on which
+//! an operator stages an outage at run time: down (connections are closed), slow, flaky, wiped, up again
+//! ([`control`]; the README's "Operator recipes" use it).
+//!
 //! # Layout
 //! - [`Settings`]: flags and environment.
 //! - [`DemoBackend`]: the replica's state, with the handle tests use; [`DemoBackend::router`] serves it.
 //! - [`run`]: serve on a bound listener until a shutdown future resolves.
+//! - [`control`]: the control routes and the listener that drops connections while the replica is down.
+
+pub mod control;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::{Future, IntoFuture};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -72,6 +79,15 @@ pub struct Settings {
     #[arg(long = "response-delay", env = "RESPONSE_DELAY", default_value = "0s", value_parser = parse_duration)]
     pub response_delay: Duration,
 
+    /// Port of the control listener (outages on demand: `POST /down`, `/up`, `/slow?delay=2s`,
+    /// `/flaky?share=0.5`, `/wipe`; `GET /` shows the state). Unset: no control listener.
+    #[arg(long = "control-port", env = "CONTROL_PORT")]
+    pub control_port: Option<u16>,
+
+    /// IP address of the control listener. Anyone who reaches it can take the replica down: keep it on loopback.
+    #[arg(long = "control-host", env = "CONTROL_HOST", default_value = "127.0.0.1")]
+    pub control_host: std::net::IpAddr,
+
     /// Log line format; `RUST_LOG` filters what is logged.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -87,6 +103,8 @@ impl Settings {
             skip_some_requests: false,
             skip_probability: 0.2,
             response_delay: Duration::ZERO,
+            control_port: None,
+            control_host: std::net::Ipv4Addr::LOCALHOST.into(),
             log_format: LogFormat::Text,
         }
     }
@@ -159,6 +177,8 @@ pub struct DemoBackend {
     settings: Arc<Settings>,
     store: Arc<Mutex<Store>>,
     writes: Arc<AtomicU64>,
+    faults: Arc<Mutex<control::Faults>>,
+    offline: Arc<AtomicBool>,
 }
 
 #[derive(Deserialize)]
@@ -170,7 +190,14 @@ struct Credentials {
 impl DemoBackend {
     /// A replica with no users.
     pub fn new(settings: Settings) -> Self {
-        Self { settings: Arc::new(settings), store: Arc::default(), writes: Arc::default() }
+        let faults = control::Faults::from_settings(&settings);
+        Self {
+            settings: Arc::new(settings),
+            store: Arc::default(),
+            writes: Arc::default(),
+            faults: Arc::new(Mutex::new(faults)),
+            offline: Arc::default(),
+        }
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -216,6 +243,14 @@ impl DemoBackend {
         self.store().down = status;
     }
 
+    /// Forgets every user and every applied `Idempotency-Key`, as a replica restarted empty would.
+    pub fn wipe(&self) {
+        let mut store = self.store();
+        store.users.clear();
+        store.applied.clear();
+        store.applied_order.clear();
+    }
+
     /// The last [`RECEIVED_MEMORY`] writes received, oldest first (dropped ones included).
     pub fn received(&self) -> Vec<ReceivedWrite> {
         self.store().received.iter().cloned().collect()
@@ -235,7 +270,8 @@ impl DemoBackend {
         if let Some(status) = store.fail_next.pop() {
             return (status, "request dropped by server\n".to_owned());
         }
-        if self.settings.skip_some_requests && rand::rng().random_bool(self.settings.skip_probability) {
+        let drop_share = self.faults().drop_share;
+        if drop_share > 0.0 && rand::rng().random_bool(drop_share) {
             return (StatusCode::INTERNAL_SERVER_ERROR, "request dropped by server\n".to_owned());
         }
         if let Some(k) = &key
@@ -318,8 +354,9 @@ fn text(status: StatusCode, body: String) -> Response {
 }
 
 async fn delay(backend: &DemoBackend) {
-    if !backend.settings.response_delay.is_zero() {
-        tokio::time::sleep(backend.settings.response_delay).await;
+    let delay = backend.faults().delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -377,7 +414,22 @@ pub async fn run(
         skip_some_requests = backend.settings.skip_some_requests,
         "demo backend listening"
     );
-    axum::serve(listener, backend.router()).with_graceful_shutdown(shutdown).into_future().await
+    let router = backend.router();
+    let listener = control::FaultyListener::new(listener, backend.offline.clone());
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).into_future().await
+}
+
+/// Serves `backend`'s control routes ([`control`]) on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// When the listener fails.
+pub async fn run_control(
+    backend: DemoBackend,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "demo backend control listening");
+    axum::serve(listener, backend.control_router()).with_graceful_shutdown(shutdown).into_future().await
 }
 
 #[cfg(test)]
@@ -479,6 +531,9 @@ mod tests {
         assert_eq!(s.port, 8080);
         assert!(s.skip_some_requests);
         assert!((s.skip_probability - 0.2).abs() < f64::EPSILON);
+        // No control listener unless asked for, and on loopback when it is.
+        assert_eq!(s.control_port, None);
+        assert_eq!(s.control_host, std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST));
         let s = Settings::try_parse_from(["demo-backend", "--skip-some-requests", "false", "--response-delay", "50ms"])
             .expect("flags");
         assert!(!s.skip_some_requests);

@@ -15,6 +15,8 @@ fn a_bad_value_exits_2_with_one_line_naming_the_variable() {
         ("SKIP_SOME_REQUESTS", "maybe", "--skip-some-requests"),
         ("SERVER_PORT", "http", "--port"),
         ("RESPONSE_DELAY", "later", "--response-delay"),
+        ("CONTROL_PORT", "nine", "--control-port"),
+        ("CONTROL_HOST", "localhost:1", "--control-host"),
     ] {
         let out = bin().env(k, v).output().expect("run");
         let stderr = String::from_utf8_lossy(&out.stderr);

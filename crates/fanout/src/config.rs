@@ -54,7 +54,10 @@ impl AckPolicy {
 #[command(
     name = "fanout",
     version,
-    about = "Delivers every write to every backend of the pool, retrying each one on its own."
+    about = "Delivers every write to every backend of the pool, retrying each one on its own.",
+    after_help = "Required: --backends (BACKEND_POOL). Durations take a unit (250ms, 64s, 1m 30s); a bare \
+                  number is seconds (30 = 30s). Sizes take one too (64KiB, 1GiB). Every flag has the environment \
+                  variable shown beside it. A bad value stops fanout at start with one line naming the flag."
 )]
 pub struct Config {
     /// Address of the API listener (writes, health, deliveries).
@@ -66,7 +69,7 @@ pub struct Config {
     #[arg(long, allow_hyphen_values = true, env = "METRICS_PORT", default_value_t = 8000)]
     pub metrics_port: u16,
 
-    /// The backend pool: a comma list of `host:port` or `http://host:port[/prefix]`.
+    /// Required. The backend pool: a comma list of `host:port` or `http://host:port[/prefix]`.
     #[arg(long = "backends", env = "BACKEND_POOL", value_delimiter = ',', num_args = 0..)]
     pub backends: Vec<String>,
 
@@ -642,5 +645,15 @@ mod tests {
         assert_eq!(AckPolicy::Quorum.required(4), 3);
         assert_eq!(AckPolicy::Quorum.required(1), 1);
         assert_eq!(AckPolicy::All.required(3), 3);
+    }
+
+    #[test]
+    fn help_states_the_required_flag_and_the_duration_syntax() {
+        use clap::CommandFactory;
+        let help = Config::command().render_long_help().to_string();
+        assert!(help.contains("Required: --backends (BACKEND_POOL)"), "{help}");
+        assert!(help.contains("a bare number is seconds"), "{help}");
+        let short = Config::command().render_help().to_string();
+        assert!(short.contains("a bare number is seconds"), "{short}");
     }
 }
