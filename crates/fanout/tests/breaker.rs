@@ -7,13 +7,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Fanout, Replica, eventually, fanout, replica, replicas, sample};
-use demo_backend::{DemoBackend, Settings};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use demo_backend::Settings;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -61,26 +58,6 @@ async fn a_backend_dropping_one_write_in_five_under_load_never_opens_its_breaker
     assert_eq!(reference.count, users);
     assert_eq!(pool[2].backend.users().users, reference.users, "every write reached the flaky backend, in order");
     lb.stop().await;
-}
-
-/// Starts a fresh demo backend on `addr` (free again once the replica that had it stopped).
-async fn replica_on(addr: SocketAddr, settings: Settings) -> (DemoBackend, oneshot::Sender<()>) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let listener = loop {
-        match TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(e) => {
-                assert!(tokio::time::Instant::now() < deadline, "cannot bind {addr} again: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    let backend = DemoBackend::new(settings);
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(demo_backend::run(backend.clone(), listener, async move {
-        let _ = rx.await;
-    }));
-    (backend, tx)
 }
 
 /// A backend that refuses connections while writes arrive: three attempts without an answer open its breaker
@@ -141,9 +118,9 @@ async fn a_dead_backend_opens_its_breaker_quickly_and_is_noticed_within_the_prob
         "every write waits for the dead backend"
     );
 
-    let (back, _stop) = replica_on(addr, Settings::for_test("server2")).await;
+    let back = common::replica_at(addr, Settings::for_test("server2")).await;
     let returned = tokio::time::Instant::now();
-    eventually(WAIT, "a write reached the backend", || async { back.writes_received() > 0 }).await;
+    eventually(WAIT, "a write reached the backend", || async { back.backend.writes_received() > 0 }).await;
     let gap = returned.elapsed();
     let bound = probe_cap + 2 * attempt_timeout;
     eprintln!("the first write reached the returned backend {gap:?} after it was back (bound {bound:?})");
@@ -156,6 +133,6 @@ async fn a_dead_backend_opens_its_breaker_quickly_and_is_noticed_within_the_prob
         Some(0.0),
         "a down backend makes no dead letter"
     );
-    assert_eq!(back.users().users, pool[0].backend.users().users, "the same passwords, in order");
+    assert_eq!(back.backend.users().users, pool[0].backend.users().users, "the same passwords, in order");
     lb.stop().await;
 }

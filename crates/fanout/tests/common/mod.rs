@@ -44,6 +44,11 @@ pub async fn replica(settings: Settings) -> Replica {
 pub async fn restart(replica: Replica, settings: Settings) -> Replica {
     let addr = replica.addr;
     drop(replica);
+    replica_at(addr, settings).await
+}
+
+/// A fresh replica on `addr`, waiting (up to 10 s) for the address to be free again once whatever had it stopped.
+pub async fn replica_at(addr: SocketAddr, settings: Settings) -> Replica {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let listener = loop {
         match TcpListener::bind(addr).await {
