@@ -194,6 +194,7 @@ pub async fn run(
             config.max_connections
         );
     }
+    let admin_token = config.admin_token()?;
     let limits = |max_connections| listen::Limits {
         header_timeout: config.header_timeout,
         idle_timeout: config.idle_timeout,
@@ -216,7 +217,7 @@ pub async fn run(
         breaker_window = ?config.breaker_window,
         breaker_min_requests = config.breaker_min_requests,
         probe_interval_max = ?config.probe_interval_max,
-        admin_actions = if config.admin_token_file.is_some() || config.admin_token.is_some() { "token" } else { "disabled" },
+        admin_actions = if admin_token.is_some() { "token" } else { "disabled" },
         max_connections,
         header_timeout = ?config.header_timeout,
         idle_timeout = ?config.idle_timeout,
@@ -229,7 +230,7 @@ pub async fn run(
     let (stop_metrics, metrics_stopped) = watch::channel(false);
     let api_server =
         tokio::spawn(listen::serve(api, api_router, "api", limits(max_connections), api_metrics, api_stopped));
-    let admin_router = routes::admin_router(metrics.clone(), dispatcher.clone(), config.admin_token()?);
+    let admin_router = routes::admin_router(metrics.clone(), dispatcher.clone(), admin_token);
     let metrics_server = tokio::spawn(listen::serve(
         metrics_listener,
         admin_router,

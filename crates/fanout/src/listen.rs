@@ -396,11 +396,11 @@ async fn connection(
 fn framing_error<B>(request: &Request<B>, content_lengths: u32) -> Option<&'static str> {
     let headers = request.headers();
     let hosts = headers.get_all(header::HOST).iter().count();
-    if request.version() == axum::http::Version::HTTP_11 && hosts != 1 {
-        return Some(if hosts == 0 { "an HTTP/1.1 request needs a Host header" } else { "more than one Host header" });
-    }
     if hosts > 1 {
         return Some("more than one Host header");
+    }
+    if hosts == 0 && request.version() == axum::http::Version::HTTP_11 {
+        return Some("an HTTP/1.1 request needs a Host header");
     }
     if content_lengths > 1 || headers.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
         return Some("more than one Content-Length header");

@@ -431,15 +431,19 @@ fn delivery_id(id: Result<Path<String>, PathRejection>) -> Option<Uuid> {
     id.ok().and_then(|Path(id)| Uuid::parse_str(&id).ok())
 }
 
+/// The stored summary of the delivery named by a `{id}` path segment.
+async fn summary(dispatcher: &Dispatcher, id: Result<Path<String>, PathRejection>) -> Result<Summary, ApiError> {
+    let id = delivery_id(id).ok_or(ApiError::UnknownDelivery)?;
+    dispatcher.lookup(id).await.map_err(|_| ApiError::StoreUnavailable)?.ok_or(ApiError::UnknownDelivery)
+}
+
 /// `GET /deliveries/{id}` on the API port: the delivery's progress without the backends' addresses (this
 /// port faces clients; the admin port's route shows them).
 async fn delivery(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let id = delivery_id(id).ok_or(ApiError::UnknownDelivery)?;
-    let summary = state.dispatcher.lookup(id).await.map_err(|_| ApiError::StoreUnavailable)?;
-    Ok(Json(summary.ok_or(ApiError::UnknownDelivery)?.redacted()).into_response())
+    Ok(Json(summary(&state.dispatcher, id).await?.redacted()).into_response())
 }
 
 /// `GET /deliveries/{id}` on the admin port: the whole view, every backend named.
@@ -447,9 +451,7 @@ async fn admin_delivery(
     State(admin): State<Admin>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let id = delivery_id(id).ok_or(ApiError::UnknownDelivery)?;
-    let summary = admin.dispatcher.lookup(id).await.map_err(|_| ApiError::StoreUnavailable)?;
-    Ok(Json(summary.ok_or(ApiError::UnknownDelivery)?).into_response())
+    Ok(Json(summary(&admin.dispatcher, id).await?).into_response())
 }
 
 /// `POST /register` and `POST /changePassword`: deliver to every backend, answer per the ack policy.
