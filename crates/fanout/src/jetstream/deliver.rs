@@ -103,7 +103,7 @@ pub(crate) fn start(cluster: &Arc<Cluster>, transport: Arc<dyn Transport>) -> Ve
             addr: addr.clone(),
             label: cluster.labels[i].clone(),
             hash: cluster.hashes[i].clone(),
-            metrics: cluster.metrics.backend(addr.label()),
+            metrics: cluster.backend_metrics[i].clone(),
             transport: transport.clone(),
             breaker: Mutex::new(Breaker::new(cluster.dispatch.queue.breaker(cluster.dispatch.backoff))),
             changed: watch::channel(0).0,
@@ -274,6 +274,16 @@ impl Backend {
                 return self.after_unsent(probe);
             }
         };
+        if !probe {
+            // The breaker opened while this task waited for the write: it goes back until the next probe.
+            let due = crate::lock(&self.breaker).probe_due();
+            if let Some(due) =
+                due.or_else(|| (!crate::lock(&self.breaker).is_closed()).then(|| Instant::now() + PROBE_HANDOFF))
+            {
+                let _ = msg.ack_with(AckKind::Nak(Some(due.saturating_duration_since(Instant::now())))).await;
+                return;
+            }
+        }
         let Some(request) = record.to_request() else {
             tracing::error!(seq, "a stored write is not valid HTTP any more: skipped");
             let _ = msg.ack_with(AckKind::Term).await;

@@ -83,6 +83,8 @@ const TRIM_INTERVAL: Duration = Duration::from_secs(30);
 /// Most dead letters one admin call reads.
 const MAX_DEAD_SCAN: usize = 10_000;
 
+static STATS_FAILED: crate::ratelog::Every = crate::ratelog::Every::new();
+
 /// Settings of the NATS store, from [`crate::Config`].
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
@@ -276,6 +278,8 @@ pub struct Cluster {
     pub(crate) labels: Vec<Arc<str>>,
     pub(crate) hashes: Vec<String>,
     pub(crate) metrics: Metrics,
+    /// Each backend's series, in pool order (registered once: registering again zeroes them).
+    pub(crate) backend_metrics: Vec<crate::metrics::BackendMetrics>,
     pub(crate) seal: Option<Arc<Keyring>>,
     waiting: Mutex<HashMap<u128, Waiter>>,
     clients: Arc<Semaphore>,
@@ -283,6 +287,7 @@ pub struct Cluster {
     pub(crate) stop: watch::Sender<bool>,
     answer_now: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    background: Mutex<Vec<JoinHandle<()>>>,
     /// Writes not finished on the backend furthest behind (consumer lag, refreshed every [`STATS_INTERVAL`]).
     lag: AtomicU64,
     history: Mutex<HistoryStats>,
@@ -378,6 +383,7 @@ impl Cluster {
 
         let labels: Vec<Arc<str>> = dispatch.pool.iter().map(|a| Arc::from(a.label())).collect();
         let hashes: Vec<String> = labels.iter().map(|l| backend_hash(l)).collect();
+        let dispatch_labels_metrics = labels.iter().map(|l| metrics.backend(l)).collect();
         for label in &labels {
             for p in 0..settings.partitions {
                 let config = deliver::consumer_config(dispatch.attempt_timeout, label, p, consumer::DeliverPolicy::New);
@@ -406,6 +412,7 @@ impl Cluster {
             dispatch,
             labels,
             hashes,
+            backend_metrics: dispatch_labels_metrics,
             metrics,
             seal,
             waiting: Mutex::new(HashMap::new()),
@@ -413,14 +420,15 @@ impl Cluster {
             stop,
             answer_now: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
+            background: Mutex::new(Vec::new()),
             lag: AtomicU64::new(0),
             history: Mutex::new(HistoryStats::default()),
             recoveries: Mutex::new(HashMap::new()),
         });
-        let mut tasks = deliver::start(&cluster, transport);
-        tasks.push(tokio::spawn(cluster.clone().receive_outcomes(outcomes)));
-        tasks.push(tokio::spawn(cluster.clone().keep_stats()));
-        *crate::lock(&cluster.tasks) = tasks;
+        *crate::lock(&cluster.tasks) = deliver::start(&cluster, transport);
+        // These two end with the instance: stopped at the end of `close`, not waited for.
+        *crate::lock(&cluster.background) =
+            vec![tokio::spawn(cluster.clone().receive_outcomes(outcomes)), tokio::spawn(cluster.clone().keep_stats())];
         cluster.refresh_stats().await;
         Ok(cluster)
     }
@@ -854,6 +862,9 @@ impl Cluster {
         for a in aborts {
             a.abort();
         }
+        for task in std::mem::take(&mut *crate::lock(&self.background)) {
+            task.abort();
+        }
         let _ = self.client.flush().await;
         self.unfinished()
     }
@@ -880,7 +891,15 @@ impl Cluster {
     }
 
     async fn refresh_stats(&self) {
-        let Ok(infos) = deliver::consumer_infos(self).await else { return };
+        let infos = match deliver::consumer_infos(self).await {
+            Ok(infos) => infos,
+            Err(e) => {
+                if let Some(n) = STATS_FAILED.hit() {
+                    tracing::warn!(error = %e, n, "NATS store: the consumers' lag cannot be read");
+                }
+                return;
+            }
+        };
         let mut per_backend: HashMap<&str, u64> = HashMap::new();
         for info in &infos {
             if let Some(hash) = info.name.strip_prefix('b').and_then(|n| n.split('-').next()) {
@@ -888,9 +907,9 @@ impl Cluster {
             }
         }
         let mut lag = 0;
-        for (label, hash) in self.labels.iter().zip(&self.hashes) {
+        for (m, hash) in self.backend_metrics.iter().zip(&self.hashes) {
             let n = per_backend.get(hash.as_str()).copied().unwrap_or(0);
-            self.metrics.backend(label).pending().set(n as f64);
+            m.pending().set(n as f64);
             lag = lag.max(n);
         }
         self.lag.store(lag, Ordering::Relaxed);
@@ -899,9 +918,9 @@ impl Cluster {
             while let Some(Ok((subject, n))) = subjects.next().await {
                 counts.insert(subject, n);
             }
-            for (label, hash) in self.labels.iter().zip(&self.hashes) {
+            for (m, hash) in self.backend_metrics.iter().zip(&self.hashes) {
                 let n = counts.get(&format!("fanout.dead.{hash}")).copied().unwrap_or(0);
-                self.metrics.backend(label).dead_letters().set(n as f64);
+                m.dead_letters().set(n as f64);
             }
         }
         if let Ok(info) = self.writes.get_info().await {
