@@ -1,5 +1,5 @@
 # Entry points of the project; .ci/run calls the same targets.
-.PHONY: all build release run reset recipes-test test lint fmt smoke docker-lint compose-test load-test bench bench-memory wrk-available up down logs images clean help
+.PHONY: all build release run run-cluster reset recipes-test test lint fmt smoke docker-lint compose-test load-test bench bench-memory wrk-available up down logs images clean help
 
 CARGO ?= cargo
 
@@ -7,6 +7,7 @@ all: build
 
 help:
 	@echo "make run    - the whole stack on loopback (nginx :8080 -> fanout -> 3 demo backends), Ctrl-C stops it"
+	@echo "make run-cluster - the same with three NATS JetStream nodes and three fanout instances (needs nats-server)"
 	@echo "make reset  - removes make run's outbox and logs under .run/ (refuses while the stack runs)"
 	@echo "make recipes-test - runs the README's operator recipes, as written, against make run on spare ports"
 	@echo "make test   - unit, integration and end-to-end tests (installs nginx when missing and root)"
@@ -28,6 +29,10 @@ release:
 
 run:
 	@./scripts/run-local.sh
+
+# Three NATS JetStream nodes, three fanout instances on them, nginx over the three (README "Scaling out").
+run-cluster:
+	@CLUSTER=1 ./scripts/run-local.sh
 
 reset:
 	@./scripts/reset-local.sh

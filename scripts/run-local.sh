@@ -8,8 +8,14 @@
 # process: `curl -X POST 127.0.0.1:9103/down` (then /up, /slow?delay=2s, /flaky?share=0.5, /wipe). The PIDs of
 # the processes are in RUN_DIR/pids/NAME.pid while the stack runs (`make reset` reads them).
 #
+# With CLUSTER=1 (`make run-cluster`, README "Scaling out"): three nats-server processes as one JetStream cluster
+# (NATS_PORTS, routes on NATS_ROUTE_PORTS, stores under RUN_DIR/nats/), three fanout instances on it
+# (FANOUT_PORTS, FANOUT_METRICS_PORTS; STORE_REPLICAS=3), and nginx over the three.
+#
 # Settings (environment):
 #   NGINX_PORT=8080  FANOUT_PORT=9080  FANOUT_METRICS_PORT=9000  BACKEND_PORTS=9001,9002,9003
+#   CLUSTER=1: NATS_PORTS=4222,4223,4224  NATS_ROUTE_PORTS=6222,6223,6224  FANOUT_PORTS=9080,9081,9082
+#              FANOUT_METRICS_PORTS=9000,9010,9020
 #   CONTROL_PORTS=9101,9102,9103 (the demo backends' control ports, on 127.0.0.1)
 #   FLAKY_BACKENDS=3 (which servers drop writes; "" for none)  PROFILE=release|debug  RUN_DIR=.run
 #   Any fanout variable (ACK_POLICY, MAX_ATTEMPTS, ...) and RUST_LOG pass through to the processes.
@@ -25,6 +31,15 @@ CONTROL_PORTS=${CONTROL_PORTS:-9101,9102,9103}
 FLAKY_BACKENDS=${FLAKY_BACKENDS-3}
 PROFILE=${PROFILE:-release}
 RUN_DIR=${RUN_DIR:-$root/.run}
+CLUSTER=${CLUSTER:-0}
+if [ "$CLUSTER" = 1 ]; then
+  NATS_PORTS=${NATS_PORTS:-4222,4223,4224}
+  NATS_ROUTE_PORTS=${NATS_ROUTE_PORTS:-6222,6223,6224}
+  FANOUT_PORTS=${FANOUT_PORTS:-9080,9081,9082}
+  FANOUT_METRICS_PORTS=${FANOUT_METRICS_PORTS:-9000,9010,9020}
+else
+  NATS_PORTS="" NATS_ROUTE_PORTS="" FANOUT_PORTS=$FANOUT_PORT FANOUT_METRICS_PORTS=$FANOUT_METRICS_PORT
+fi
 
 say() { printf '%s\n' "$*"; }
 fail() { say "make run: $*" >&2; exit 1; }
@@ -44,7 +59,10 @@ fi
 
 # Every port must be free before anything starts: a port held by another process would otherwise make a
 # process of this stack exit (or, worse, let another server answer in its place).
-for spec in "nginx:$NGINX_PORT" "fanout:$FANOUT_PORT" "fanout metrics:$FANOUT_METRICS_PORT" \
+for spec in "nginx:$NGINX_PORT" \
+  $(IFS=,; for p in $FANOUT_PORTS; do echo "fanout:$p"; done) \
+  $(IFS=,; for p in $FANOUT_METRICS_PORTS; do echo "fanout_metrics:$p"; done) \
+  $(IFS=,; for p in $NATS_PORTS $NATS_ROUTE_PORTS; do echo "nats:$p"; done) \
   $(IFS=,; for p in $BACKEND_PORTS; do echo "backend:$p"; done) \
   $(IFS=,; for p in $CONTROL_PORTS; do echo "backend control:$p"; done); do
   port=${spec##*:}
@@ -130,13 +148,44 @@ if [ -z "${ADMIN_TOKEN_FILE:-}" ]; then
 fi
 export ADMIN_TOKEN_FILE
 
-BACKEND_POOL=$(IFS=,; echo "${pool[*]}") LISTEN_ADDR="127.0.0.1:$FANOUT_PORT" METRICS_PORT="$FANOUT_METRICS_PORT" \
-  DATA_DIR=${DATA_DIR-$RUN_DIR/data} start fanout "$bin/fanout"
-wait_http fanout "http://127.0.0.1:$FANOUT_PORT/healthz"
-wait_http fanout "http://127.0.0.1:$FANOUT_METRICS_PORT/healthz"
+IFS=, read -r -a fanout_ports <<<"$FANOUT_PORTS"
+IFS=, read -r -a fanout_metrics_ports <<<"$FANOUT_METRICS_PORTS"
+[ ${#fanout_ports[@]} = ${#fanout_metrics_ports[@]} ] || fail "FANOUT_PORTS and FANOUT_METRICS_PORTS must list as many ports"
+if [ "$CLUSTER" = 1 ]; then
+  NATS=$(command -v nats-server || true)
+  [ -n "$NATS" ] || fail "CLUSTER=1 needs nats-server (apt-get install nats-server)"
+  IFS=, read -r -a nats_ports <<<"$NATS_PORTS"
+  IFS=, read -r -a route_ports <<<"$NATS_ROUTE_PORTS"
+  [ ${#nats_ports[@]} = 3 ] && [ ${#route_ports[@]} = 3 ] || fail "NATS_PORTS and NATS_ROUTE_PORTS must list three ports"
+  routes=$(for p in "${route_ports[@]}"; do printf 'nats://127.0.0.1:%s,' "$p"; done)
+  for i in 1 2 3; do
+    start "nats$i" "$NATS" -js -a 127.0.0.1 -p "${nats_ports[$((i - 1))]}" --server_name "nats$i" \
+      -sd "$RUN_DIR/nats/nats$i" --cluster_name fanout --cluster "nats://127.0.0.1:${route_ports[$((i - 1))]}" \
+      --routes "${routes%,}"
+  done
+  # fanout makes its streams once the cluster has elected a JetStream leader.
+  for _ in $(seq 1 200); do
+    grep -q "metadata leader" "$RUN_DIR/logs/nats1.log" 2>/dev/null && break
+    sleep 0.1
+  done
+  grep -q "metadata leader" "$RUN_DIR/logs/nats1.log" || fail "the NATS cluster elected no leader in 20 s; see $RUN_DIR/logs/nats1.log"
+  export STORE=$(for p in "${nats_ports[@]}"; do printf 'nats://127.0.0.1:%s,' "$p"; done | sed 's/,$//')
+  export STORE_REPLICAS=${STORE_REPLICAS:-3}
+fi
+lbs=() lb_metrics=()
+for i in "${!fanout_ports[@]}"; do
+  name=fanout
+  [ "$CLUSTER" = 1 ] && name="fanout$((i + 1))"
+  BACKEND_POOL=$(IFS=,; echo "${pool[*]}") LISTEN_ADDR="127.0.0.1:${fanout_ports[$i]}" \
+    METRICS_PORT="${fanout_metrics_ports[$i]}" INSTANCE=$name DATA_DIR=${DATA_DIR-$RUN_DIR/data} start "$name" "$bin/fanout"
+  wait_http "$name" "http://127.0.0.1:${fanout_ports[$i]}/healthz"
+  wait_http "$name" "http://127.0.0.1:${fanout_metrics_ports[$i]}/healthz"
+  lbs+=("127.0.0.1:${fanout_ports[$i]}")
+  lb_metrics+=("127.0.0.1:${fanout_metrics_ports[$i]}")
+done
 
-BACKEND_1=${pool[0]} BACKEND_2=${pool[1]} BACKEND_3=${pool[2]} LB="127.0.0.1:$FANOUT_PORT" \
-  LB_METRICS="127.0.0.1:$FANOUT_METRICS_PORT" NGINX_LISTEN="127.0.0.1:$NGINX_PORT" \
+BACKEND_1=${pool[0]} BACKEND_2=${pool[1]} BACKEND_3=${pool[2]} LB=$(IFS=,; echo "${lbs[*]}") \
+  LB_METRICS=$(IFS=,; echo "${lb_metrics[*]}") NGINX_LISTEN="127.0.0.1:$NGINX_PORT" \
   "$root/nginx/render.sh" "$RUN_DIR/nginx"
 start nginx "$NGINX" -p "$RUN_DIR/nginx" -c "$RUN_DIR/nginx/nginx.conf" -e "$RUN_DIR/nginx/logs/error.log"
 wait_http nginx "http://127.0.0.1:$NGINX_PORT/nginx_status"
@@ -148,11 +197,12 @@ The stack is up (logs in ${RUN_DIR#"$root"/}/logs/):
   nginx          $lb            (/login round-robin; /register, /changePassword -> fanout)
   nginx status   $lb/nginx_status
   fanout metrics $lb/metrics    (also http://127.0.0.1:$FANOUT_METRICS_PORT/metrics)
-  fanout API     http://127.0.0.1:$FANOUT_PORT   (GET /deliveries/{id})
+  fanout API     $(for p in "${fanout_ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)  (GET /deliveries/{id})
+  store          ${STORE:-write log in ${DATA_DIR-$RUN_DIR/data}}
   backends       ${pool[*]}   (flaky: ${FLAKY_BACKENDS:+server}${FLAKY_BACKENDS:-none}; GET /users on each)
   outages        $(for p in "${control_ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)  (POST /down, /up, /slow?delay=2s, /flaky?share=0.5, /wipe)
-  PIDs           ${RUN_DIR#"$root"/}/pids/{server1,server2,server3,fanout,nginx}.pid
-  admin          http://127.0.0.1:$FANOUT_METRICS_PORT   (dead letters, recoveries; the token is in ${ADMIN_TOKEN_FILE#"$root"/})
+  PIDs           ${RUN_DIR#"$root"/}/pids/*.pid
+  admin          $(for p in "${fanout_metrics_ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)  (dead letters, recoveries; the token is in ${ADMIN_TOKEN_FILE#"$root"/})
 
 Try:
   curl $lb/login

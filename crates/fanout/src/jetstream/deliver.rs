@@ -41,6 +41,8 @@ use crate::ratelog::Every;
 
 /// How long one pull waits for a write before asking again.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
+/// How long past its expiry a pull is waited for before it is given up (its server may have died).
+const PULL_GRACE: Duration = Duration::from_secs(3);
 /// The wait before a task tries its consumer again after the store failed.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 /// How soon the next task may probe after a probe found nothing to send.
@@ -155,8 +157,19 @@ impl Backend {
                     continue;
                 }
             };
+            // The server ends a pull at its expiry; a pull held by a server that died is never ended, so this
+            // task gives up on it a little later on its own.
             let next = tokio::select! {
-                next = batch.next() => next,
+                next = tokio::time::timeout(FETCH_WAIT + PULL_GRACE, batch.next()) => match next {
+                    Ok(next) => next,
+                    Err(_) => {
+                        consumer = None;
+                        if probe {
+                            self.probe_unused();
+                        }
+                        continue;
+                    }
+                },
                 _ = stop.wait_for(|s| *s) => return,
             };
             match next {
@@ -417,23 +430,13 @@ impl Backend {
         let origin = write.origin.clone();
         let only = write.only.clone();
         let dead = DeadMsg { write, backend: self.label.to_string(), row };
-        let published = async {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("{id:032x}.{}.{seq}", self.hash).as_str());
-            cluster
-                .js
-                .publish_with_headers(
-                    format!("fanout.dead.{}", self.hash),
-                    headers,
-                    postcard::to_stdvec(&dead).map_err(LogError::from)?.into(),
-                )
-                .await
-                .map_err(|e| super::nats_error("publishing a dead letter", e))?
-                .await
-                .map_err(|e| super::nats_error("storing a dead letter", e))?;
-            Ok::<_, LogError>(())
-        }
-        .await;
+        let published = match postcard::to_stdvec(&dead) {
+            Ok(payload) => {
+                let msg_id = format!("{id:032x}.{}.{seq}", self.hash);
+                cluster.publish_patiently(format!("fanout.dead.{}", self.hash), msg_id, payload.into()).await
+            }
+            Err(e) => Err(LogError::from(e)),
+        };
         if let Err(e) = published {
             self.store_failed(false, "storing a dead letter", &e);
             let _ = msg.ack_with(AckKind::Nak(Some(STORE_RETRY))).await;

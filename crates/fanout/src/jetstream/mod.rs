@@ -80,6 +80,8 @@ const MIN_SERVER: (u64, u64) = (2, 9);
 const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the history is trimmed.
 const TRIM_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a write's publication is tried again before its client gets `503`.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
 /// Most dead letters one admin call reads.
 const MAX_DEAD_SCAN: usize = 10_000;
 
@@ -503,15 +505,8 @@ impl Cluster {
                 only: None,
                 write: self.store_value(id, &record)?,
             };
-            let mut headers = NatsHeaders::new();
-            headers.insert("Nats-Msg-Id", format!("{id:032x}").as_str());
-            let ack = self
-                .js
-                .publish_with_headers(format!("fanout.writes.{p}"), headers, postcard::to_stdvec(&write)?.into())
-                .await
-                .map_err(|e| nats_error("publishing a write", e))?;
-            ack.await.map_err(|e| nats_error("storing a write", e))?;
-            Ok::<_, LogError>(())
+            let payload = Bytes::from(postcard::to_stdvec(&write)?);
+            self.publish_patiently(format!("fanout.writes.{p}"), format!("{id:032x}"), payload).await
         }
         .await;
         match result {
@@ -529,6 +524,41 @@ impl Cluster {
                 if let Some(w) = crate::lock(&self.waiting).remove(&id) {
                     let summary = Summary::from_view(Uuid::from_u128(id), w.tally.view(&[], 0));
                     let _ = w.tx.send(Reply { decision: Decision::Refused, summary });
+                }
+            }
+        }
+    }
+
+    /// Publishes to a stream and waits for the servers' acknowledgement, trying again for up to
+    /// [`PUBLISH_PATIENCE`] when the stream cannot take it now (a server lost, a stream leader being elected, a
+    /// reconnect): a client waits a few seconds through a failover rather than getting `503`. The message id
+    /// makes the stream store it once however many tries reach it (its duplicate window is 2 minutes).
+    pub(crate) async fn publish_patiently(
+        &self,
+        subject: String,
+        msg_id: String,
+        payload: Bytes,
+    ) -> Result<(), LogError> {
+        let deadline = tokio::time::Instant::now() + PUBLISH_PATIENCE;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let mut headers = NatsHeaders::new();
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            let tried = async {
+                self.js
+                    .publish_with_headers(subject.clone(), headers, payload.clone())
+                    .await
+                    .map_err(|e| nats_error("publishing", e))?
+                    .await
+                    .map_err(|e| nats_error("storing", e))
+            }
+            .await;
+            match tried {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() + wait >= deadline => return Err(e),
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
                 }
             }
         }
@@ -600,15 +630,26 @@ impl Cluster {
         let Ok(value) = self.store_value(0, &entry).and_then(|v| Ok(postcard::to_stdvec(&v)?)) else {
             return Check::Unavailable;
         };
-        match self.keys_kv.create(Self::key_name(key), value.into()).await {
-            Ok(_) => return Check::New(record),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "an idempotency key could not be checked: 503");
-                return Check::Unavailable;
+        let value = Bytes::from(value);
+        let deadline = tokio::time::Instant::now() + PUBLISH_PATIENCE;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.keys_kv.create(Self::key_name(key), value.clone()).await {
+                Ok(_) => return Check::New(record),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => break,
+                Err(e) if tokio::time::Instant::now() + wait >= deadline => {
+                    tracing::warn!(error = %e, "an idempotency key could not be checked: 503");
+                    return Check::Unavailable;
+                }
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
             }
         }
         match self.get_key(key).await {
+            // Our own reservation, whose first answer was lost on the way back.
+            Ok(Some(KeyEntry { record: found, stored: false })) if found.delivery_id == id => Check::New(record),
             Ok(Some(KeyEntry { record, stored })) if record.body_hash == body_hash => {
                 if stored {
                     Check::Replay(record)
@@ -766,14 +807,8 @@ impl Cluster {
                 only: Some(dead.backend.clone()),
                 write: dead.write.write,
             };
-            let mut headers = NatsHeaders::new();
-            headers.insert("Nats-Msg-Id", format!("{:032x}.r{seq}", write.id).as_str());
-            self.js
-                .publish_with_headers(format!("fanout.writes.{p}"), headers, postcard::to_stdvec(&write)?.into())
-                .await
-                .map_err(|e| nats_error("redriving a dead letter", e))?
-                .await
-                .map_err(|e| nats_error("redriving a dead letter", e))?;
+            let payload = Bytes::from(postcard::to_stdvec(&write)?);
+            self.publish_patiently(format!("fanout.writes.{p}"), format!("{:032x}.r{seq}", write.id), payload).await?;
             self.dead.delete_message(seq).await.map_err(|e| nats_error("deleting a redriven dead letter", e))?;
             let part = Part {
                 state: PartState::Pending,
@@ -827,7 +862,7 @@ impl Cluster {
 
     /// What the writes stream holds.
     pub fn history(&self) -> HistoryStats {
-        crate::lock(&self.history).clone()
+        *crate::lock(&self.history)
     }
 
     /// True when `label` is a backend of the pool.

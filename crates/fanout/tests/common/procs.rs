@@ -258,6 +258,8 @@ pub struct NatsNode {
     pub url: String,
     /// The HTTP monitoring endpoint (`/jsz` and friends), `127.0.0.1:port`.
     pub monitor: SocketAddr,
+    /// Its `--server_name`.
+    pub name: String,
     _dir: Prefix,
 }
 
@@ -287,7 +289,7 @@ pub fn nats_cluster(n: usize) -> Vec<NatsNode> {
         proc.graceful_stop = false;
         proc.wait_for_line("Server is ready", START);
         let monitor = format!("127.0.0.1:{monitor}").parse().expect("addr");
-        nodes.push(NatsNode { proc, url: format!("nats://127.0.0.1:{port}"), monitor, _dir: Prefix(dir) });
+        nodes.push(NatsNode { proc, url: format!("nats://127.0.0.1:{port}"), monitor, name, _dir: Prefix(dir) });
     }
     if n > 1 {
         for node in &mut nodes {
