@@ -31,7 +31,7 @@ use crate::log::{
     id_time_ms, now_ms,
 };
 use crate::metrics::Metrics;
-use crate::queue::{Event, Events, Msg, NewEntry, QueueSettings, RecoveryStatus, Worker, WorkerContext};
+use crate::queue::{BackendStatus, Event, Events, Msg, NewEntry, QueueSettings, RecoveryStatus, Worker, WorkerContext};
 use crate::replay::{Check, KeyRecord, Replays, StoredAnswer};
 use crate::tally::{Decision, Tally};
 
@@ -175,6 +175,8 @@ struct Shared {
     stop: watch::Sender<bool>,
     answer_now: watch::Sender<bool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Each worker's published status, in pool order.
+    statuses: Mutex<Vec<watch::Receiver<BackendStatus>>>,
 }
 
 impl Events for Shared {
@@ -312,8 +314,10 @@ impl Dispatcher {
             stop,
             answer_now: watch::channel(false).0,
             workers: Mutex::new(Vec::new()),
+            statuses: Mutex::new(Vec::new()),
         });
         let mut workers = Vec::new();
+        let mut statuses = Vec::new();
         for (index, rx) in receivers.into_iter().enumerate() {
             let addr = shared.settings.pool[index].clone();
             let counts = startup.backends.get(addr.label()).cloned().unwrap_or_default();
@@ -329,9 +333,11 @@ impl Dispatcher {
                 events: shared.clone(),
             };
             let worker = Worker::new(ctx, rx, stopped.clone(), counts);
+            statuses.push(worker.status());
             workers.push(tokio::spawn(worker.run()));
         }
         *crate::lock(&shared.workers) = workers;
+        *crate::lock(&shared.statuses) = statuses;
         Self { shared }
     }
 
@@ -439,6 +445,21 @@ impl Dispatcher {
     /// When the store cannot be read.
     pub async fn dead_letters(&self, backend: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, LogError> {
         self.shared.log.dead_letters(DeadFilter { backend, id: None }, limit).await
+    }
+
+    /// How many dead letters there are, of one backend (as written in `--backends`) or all: the total that
+    /// [`Dispatcher::dead_letters`] gives a page of.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn dead_letter_total(&self, backend: Option<String>) -> Result<u64, LogError> {
+        self.shared.log.dead_letter_count(DeadFilter { backend, id: None }).await
+    }
+
+    /// Every backend's state in pool order, as its worker last published it (at most about a second old; see
+    /// [`BackendStatus`]).
+    pub fn backend_statuses(&self) -> Vec<BackendStatus> {
+        crate::lock(&self.shared.statuses).iter().map(|rx| rx.borrow().clone()).collect()
     }
 
     /// Puts dead letters (of one backend, of one delivery, or all) back in their queues with fresh attempts, in
