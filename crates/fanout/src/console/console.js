@@ -140,6 +140,11 @@
     return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
   }
 
+  /** An RFC 3339 time of the server's, shorter: `2026-12-02 16:47:23Z`. */
+  function shortTime(at) {
+    return String(at).replace('T', ' ').replace(/\.\d+Z$/, 'Z');
+  }
+
   /** How long before `now` the RFC 3339 time `at` was (both from the server's clock). */
   function ago(at, now) {
     const s = (Date.parse(now) - Date.parse(at)) / 1000;
@@ -241,11 +246,11 @@
       el('td', { class: 'num inflight' }),
       el('td', { class: 'num dead' }),
       el('td', { class: 'last-error' }),
-      el('td', { class: 'actions' },
+      el('td', {}, el('div', { class: 'actions' },
         button('Redrive all', 'redrive-all',
           () => act('POST', `/dead-letters/redrive?backend=${q(backend)}`, `Redrive every dead letter of ${backend}`)),
         armedButton('Delete all', 'delete-all',
-          () => act('DELETE', `/dead-letters?backend=${q(backend)}`, `Delete every dead letter of ${backend}`))),
+          () => act('DELETE', `/dead-letters?backend=${q(backend)}`, `Delete every dead letter of ${backend}`)))),
     ];
     return el('tr', { dataset: { backend } }, ...cells);
   }
@@ -289,9 +294,9 @@
       el('td', { class: 'num' }, String(d.attempts)),
       el('td', { class: 'num' }, d.last_status === null ? '–' : String(d.last_status)),
       el('td', { class: 'since', title: d.dead_at }),
-      el('td', { class: 'actions' },
+      el('td', {}, el('div', { class: 'actions' },
         button('Redrive', 'redrive', () => act('POST', `${path}/redrive${backend}`, `Redrive ${what}`)),
-        armedButton('Delete', 'delete', () => act('DELETE', `${path}${backend}`, `Delete ${what}`))));
+        armedButton('Delete', 'delete', () => act('DELETE', `${path}${backend}`, `Delete ${what}`)))));
   }
 
   function renderDead(list, now) {
@@ -318,8 +323,7 @@
       el('td', { class: 'backend' }),
       el('td', {}, badge('recovering')),
       el('td', { class: 'progress' }, bar, el('span')),
-      el('td', { class: 'since' }),
-      el('td', { class: 'started' }),
+      el('td', { class: 'since nowrap' }),
       el('td', { class: 'num eta' }));
   }
 
@@ -333,12 +337,12 @@
     const bar = c[2].firstChild;
     bar.max = Math.max(r.total, 1);
     bar.value = r.total === 0 ? 1 : done;
-    let text = `${done} of ${r.total} (${r.queued} queued again)`;
+    let text = `${done} of ${r.total} · ${r.queued} queued again · started ${ago(r.started_at, now)}`;
     if (!r.complete) text += `; the history starts at ${r.history_from || '(empty)'}: older writes are not recovered`;
     setText(c[2].lastChild, text);
-    setText(c[3], r.since);
-    setText(c[4], ago(r.started_at, now));
-    setText(c[5], r.eta_seconds === null ? '–' : seconds(r.eta_seconds));
+    setText(c[3], shortTime(r.since));
+    c[3].title = r.since;
+    setText(c[4], r.eta_seconds === null ? '–' : seconds(r.eta_seconds));
   }
 
   // ---- one delivery ----
@@ -380,7 +384,7 @@
       return;
     }
     const head = el('p', { class: 'lookup-head' }, badge(body.state), ' ', el('code', {}, body.delivery_id),
-      el('span', { class: 'hint' }, ` accepted ${body.accepted_at}`));
+      el('span', { class: 'hint' }, ` accepted ${shortTime(body.accepted_at)}`));
     const rows = body.backends.map((b) => el('tr', { dataset: { backend: b.backend, state: b.state } },
       el('td', { class: 'backend' }, b.backend),
       el('td', {}, badge(b.state)),
