@@ -1368,6 +1368,47 @@ mod tests {
         finished(&d, submitted, Duration::from_secs(3600)).await;
     }
 
+    /// The status each worker publishes for the console: a dead backend's breaker open with its queue and its
+    /// last error, a healthy one closed and empty with its last success, a refusing one with its dead letter
+    /// (also in the log's total).
+    #[tokio::test]
+    async fn each_worker_publishes_its_backends_state() {
+        let script = Script::new(|backend, _, _| match backend {
+            "b2:80" => Outcome::Connect,
+            "b3:80" => Outcome::Rejected,
+            _ => Outcome::Success,
+        });
+        let (d, _) = dispatcher(settings(3, queue(3, 1000.0, 1000)), &script).await;
+        // Four users: their first attempts go together, and three failures in a row open b2's breaker at once.
+        let submitted: Vec<_> = ["ann", "bob", "cy", "dee"].iter().map(|u| submit(&d, u, 0)).collect();
+        then_pause("b2's breaker open", || d.backend_statuses()[1].breaker == "open").await;
+        for s in submitted {
+            s.reply.await.expect("answered");
+        }
+        // Published once a second: two seconds of paused time see every worker's latest.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let [b1, b2, b3] = <[BackendStatus; 3]>::try_from(d.backend_statuses()).expect("three backends");
+
+        assert_eq!((&*b1.backend, b1.breaker, b1.pending, b1.dead_letters), ("b1:80", "closed", 0, 0));
+        assert_eq!(b1.attempts, 4);
+        assert!(b1.last_success_at.is_some() && b1.last_error.is_none(), "{b1:?}");
+
+        assert_eq!((b2.breaker, b2.pending, b2.dead_letters), ("open", 4, 0), "{b2:?}");
+        // (The oldest pending age is measured on the wall clock, which paused time does not move.)
+        assert!(b2.attempts >= 3, "{b2:?}");
+        assert!(b2.attempts_per_sec > 0.0, "{b2:?}");
+        let e = b2.last_error.expect("an error");
+        assert_eq!((e.outcome, e.status), ("connect_error", None));
+        assert!(b2.last_success_at.is_none());
+
+        // b3 refuses every write (400): four dead letters, counted by the worker and in the log's total.
+        assert_eq!((b3.breaker, b3.pending, b3.dead_letters), ("closed", 0, 4), "{b3:?}");
+        assert_eq!(b3.last_error.expect("an error").status, Some(400));
+        assert_eq!(d.dead_letter_total(Some("b3:80".into())).await.expect("total"), 4);
+        assert_eq!(d.dead_letter_total(None).await.expect("total"), 4);
+        assert_eq!(d.dead_letter_total(Some("b1:80".into())).await.expect("total"), 0);
+    }
+
     /// Found by a review: a stored write that is no longer a valid request (say a method this version cannot
     /// parse) was skipped at every read and stayed pending for good, pinning the history. It becomes a dead
     /// letter (`undecodable`), which can be listed and deleted.
