@@ -153,6 +153,7 @@ The stack is up (logs in ${RUN_DIR#"$root"/}/logs/):
   outages        $(for p in "${control_ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)  (POST /down, /up, /slow?delay=2s, /flaky?share=0.5, /wipe)
   PIDs           ${RUN_DIR#"$root"/}/pids/{server1,server2,server3,fanout,nginx}.pid
   admin          http://127.0.0.1:$FANOUT_METRICS_PORT   (dead letters, recoveries; the token is in ${ADMIN_TOKEN_FILE#"$root"/})
+  console        http://127.0.0.1:$FANOUT_METRICS_PORT/console   (in a browser; its actions ask for that token)
 
 Try:
   curl $lb/login
