@@ -67,6 +67,9 @@ pub struct FaultsView {
     pub drop_share: f64,
     /// Users held.
     pub users: usize,
+    /// Writes received since start, those refused on purpose included (not those cut while down): what a
+    /// client such as fanout sent.
+    pub writes_received: u64,
 }
 
 impl DemoBackend {
@@ -96,6 +99,7 @@ impl DemoBackend {
             delay_ms: u64::try_from(f.delay.as_millis()).unwrap_or(u64::MAX),
             drop_share: f.drop_share,
             users: self.users().count,
+            writes_received: self.writes_received(),
         }
     }
 

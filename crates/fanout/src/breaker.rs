@@ -243,6 +243,14 @@ impl Breaker {
         }
     }
 
+    /// The probe found nothing to send (the NATS store's task that won it had no write in its partition): open
+    /// again, with the next probe due at `next_probe`, the failed probes unchanged.
+    pub fn probe_unused(&mut self, next_probe: Instant) {
+        if let State::HalfOpen { probes } = self.state {
+            self.state = State::Open { probes, next_probe };
+        }
+    }
+
     /// The backend answered with something other than a transient failure, at `now`. While closed, that resets
     /// the no-answer count and counts as a good attempt in the window; while open or half-open only the probe's
     /// answer closes the breaker: an attempt sent before it opened proves little.

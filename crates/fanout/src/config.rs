@@ -126,6 +126,28 @@ pub struct Config {
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_outbox: bool,
 
+    /// Where accepted writes are kept: empty for the embedded write log in `--data-dir` (one instance), or
+    /// `nats://host:4222[,nats://host2:4222,...]` for NATS JetStream, shared by every fanout instance pointed at
+    /// it (README "Scaling out"). fanout creates or checks its streams, consumers and buckets at start.
+    #[arg(long, allow_hyphen_values = true, env = "STORE", default_value = "")]
+    pub store: String,
+
+    /// With `--store nats://...`: replicas of fanout's streams, consumers and buckets (1, or 3 on a JetStream
+    /// cluster of three or more servers).
+    #[arg(long, allow_hyphen_values = true, env = "STORE_REPLICAS", default_value_t = 1)]
+    pub store_replicas: usize,
+
+    /// With `--store nats://...`: users are hashed into this many partitions; each backend takes one write of
+    /// a partition at a time, so this is a backend's concurrency across all instances. Every instance and every
+    /// start must use the same value (checked against the stream).
+    #[arg(long, allow_hyphen_values = true, env = "PARTITIONS", default_value_t = 16)]
+    pub partitions: u32,
+
+    /// With `--store nats://...`: this instance's name (letters, digits, `-` and `_`), in its logs and in the
+    /// subject its clients' results come back on. Default: the host name and a random suffix.
+    #[arg(long, allow_hyphen_values = true, env = "INSTANCE", default_value = "")]
+    pub instance: String,
+
     /// How long a client's `Idempotency-Key` is remembered: a repeat with the same body gets the original
     /// answer, with another body `422`.
     #[arg(long, allow_hyphen_values = true, env = "IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
@@ -271,6 +293,9 @@ pub enum ConfigError {
         "--max-attempts (MAX_ATTEMPTS) must be at least --breaker-failures (BREAKER_FAILURES), or a backend that refuses connections turns writes into dead letters before its breaker opens; lower BREAKER_FAILURES or set it to 0"
     )]
     AttemptsBelowBreaker,
+    /// `--store` is not a list of NATS URLs.
+    #[error("--store (STORE): {0}")]
+    Store(String),
     /// `--metrics-port` is the port of `--listen`.
     #[error("--metrics-port (METRICS_PORT) must differ from the port of --listen (LISTEN_ADDR)")]
     PortClash,
@@ -404,6 +429,16 @@ impl Config {
             "between 1 and 1000000",
         )?;
         self.admin_token()?;
+        self.nats_store()?;
+        range((1..=1024).contains(&self.partitions), "partitions", "PARTITIONS", "between 1 and 1024")?;
+        range((1..=5).contains(&self.store_replicas), "store-replicas", "STORE_REPLICAS", "between 1 and 5")?;
+        range(
+            self.instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && self.instance.len() <= 64,
+            "instance",
+            "INSTANCE",
+            "letters, digits, - and _ (at most 64)",
+        )?;
 
         let entries: Vec<&str> = self.backends.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
         if entries.is_empty() {
@@ -418,6 +453,34 @@ impl Config {
             pool.push(addr);
         }
         Ok(pool)
+    }
+
+    /// The NATS servers of `--store`, or `None` for the embedded write log.
+    ///
+    /// # Errors
+    /// [`ConfigError::Store`] when `--store` is neither empty nor a comma list of `nats://host:port` URLs.
+    pub fn nats_store(&self) -> Result<Option<Vec<String>>, ConfigError> {
+        let store = self.store.trim();
+        if store.is_empty() {
+            return Ok(None);
+        }
+        let mut urls = Vec::new();
+        for url in store.split(',').map(str::trim) {
+            let rest = url.strip_prefix("nats://").ok_or_else(|| {
+                ConfigError::Store(format!("{url:?} is not a nats:// URL (nats://host:4222[,nats://host2:4222])"))
+            })?;
+            let ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.contains('/')
+                    && !host.contains('@')
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return Err(ConfigError::Store(format!("{url:?} must be nats://host:port, without user or path")));
+            }
+            urls.push(url.to_owned());
+        }
+        Ok(Some(urls))
     }
 
     /// The outbox directory, or `None` for in-memory operation (`--no-outbox`).

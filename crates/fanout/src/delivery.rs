@@ -26,6 +26,7 @@ use crate::backend::BackendAddr;
 use crate::backoff::Backoff;
 use crate::config::AckPolicy;
 use crate::forward::ForwardRequest;
+use crate::jetstream::Cluster;
 use crate::log::{
     BackendState, BackendView, DeadFilter, DeadLetter, DeliveryView, LogError, Startup, StoredDelivery, WriteLog,
     id_time_ms, now_ms,
@@ -96,7 +97,18 @@ pub struct Submitted {
     pub reply: oneshot::Receiver<Reply>,
     /// Turns true when shutdown's grace is over: answer the client now (`202`) rather than not at all.
     pub answer_now: watch::Receiver<bool>,
-    _wait: WaitGuard,
+    _wait: Box<dyn Send + Sync>,
+}
+
+impl Submitted {
+    /// A submitted write whose waiting client is forgotten when `guard` drops.
+    pub(crate) fn new(
+        reply: oneshot::Receiver<Reply>,
+        answer_now: watch::Receiver<bool>,
+        guard: Box<dyn Send + Sync>,
+    ) -> Self {
+        Submitted { reply, answer_now, _wait: guard }
+    }
 }
 
 /// Removes a waiting client's tally when its handler is done, and gives back its in-flight permit.
@@ -147,9 +159,21 @@ pub struct DispatchSettings {
 }
 
 /// Accepts writes, runs the backends' queue workers, answers waiting clients. Cheap to clone.
+///
+/// With the embedded store (the write log in `--data-dir`, or memory) the queues are this process's; with
+/// `--store nats://...` they are JetStream's, shared by every instance ([`crate::jetstream`]). The routes see the
+/// same calls either way.
 #[derive(Clone)]
 pub struct Dispatcher {
-    shared: Arc<Shared>,
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    /// The embedded store and this process's queue workers.
+    Local(Arc<Shared>),
+    /// The NATS JetStream store.
+    Nats(Arc<Cluster>),
 }
 
 struct Waiter {
@@ -220,6 +244,15 @@ impl Events for Shared {
 }
 
 impl Shared {
+    /// The pending bound: `--max-pending` with a durable log, `--max-in-flight` without.
+    fn pending_limit(&self) -> u64 {
+        if self.log.durable() {
+            self.settings.max_pending
+        } else {
+            u64::try_from(self.settings.max_in_flight).unwrap_or(u64::MAX)
+        }
+    }
+
     fn waiting(&self) -> MutexGuard<'_, HashMap<u128, Waiter>> {
         crate::lock(&self.waiting)
     }
@@ -338,7 +371,12 @@ impl Dispatcher {
         }
         *crate::lock(&shared.workers) = workers;
         *crate::lock(&shared.statuses) = statuses;
-        Self { shared }
+        Self { inner: Inner::Local(shared) }
+    }
+
+    /// A dispatcher on the NATS JetStream store, whose workers `cluster` runs.
+    pub fn nats(cluster: Arc<Cluster>) -> Self {
+        Self { inner: Inner::Nats(cluster) }
     }
 
     /// Accepts `request` for delivery to every backend: it takes its places in the backends' queues now (with
@@ -354,16 +392,19 @@ impl Dispatcher {
         ordering_key: Option<&str>,
         idempotency: Option<(String, KeyRecord)>,
     ) -> Result<Submitted, SubmitError> {
-        let shared = &self.shared;
+        let shared = match &self.inner {
+            Inner::Local(shared) => shared,
+            Inner::Nats(cluster) => return cluster.submit(id, request, ordering_key, idempotency),
+        };
         if shared.closing.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
-        if shared.log.unfinished() >= self.pending_limit() {
+        if shared.log.unfinished() >= shared.pending_limit() {
             shared.metrics.rejected();
             if let Some(refused) = REFUSED_PENDING.hit() {
                 tracing::warn!(
                     refused,
-                    max_pending = self.pending_limit(),
+                    max_pending = shared.pending_limit(),
                     "writes refused with 503: --max-pending writes are pending"
                 );
             }
@@ -403,32 +444,35 @@ impl Dispatcher {
         Ok(Submitted {
             reply: rx,
             answer_now: shared.answer_now.subscribe(),
-            _wait: WaitGuard { shared: shared.clone(), id, _permit: permit },
+            _wait: Box::new(WaitGuard { shared: shared.clone(), id, _permit: permit }),
         })
     }
 
-    fn pending_limit(&self) -> u64 {
-        if self.shared.log.durable() {
-            self.shared.settings.max_pending
-        } else {
-            u64::try_from(self.shared.settings.max_in_flight).unwrap_or(u64::MAX)
-        }
-    }
-
     /// Checks a client's idempotency key, reserving it for `id` when it is new.
-    pub fn check_key(&self, key: &str, body_hash: [u8; 32], id: Uuid) -> Check {
-        self.shared.replays.check(key, body_hash, id.as_u128(), now_ms())
+    pub async fn check_key(&self, key: &str, body_hash: [u8; 32], id: Uuid) -> Check {
+        match &self.inner {
+            Inner::Local(shared) => shared.replays.check(key, body_hash, id.as_u128(), now_ms()),
+            Inner::Nats(cluster) => cluster.check_key(key, body_hash, id.as_u128()).await,
+        }
     }
 
     /// Releases a key reserved for a write that was refused.
     pub fn release_key(&self, key: &str, id: Uuid) {
-        self.shared.replays.release(key, id.as_u128());
+        match &self.inner {
+            Inner::Local(shared) => shared.replays.release(key, id.as_u128()),
+            Inner::Nats(cluster) => cluster.release_key(key, id.as_u128()),
+        }
     }
 
     /// Keeps the answer given under a key, for replays (and in the outbox, for replays after a restart).
-    pub fn answered(&self, key: &str, id: Uuid, record: KeyRecord, answer: StoredAnswer) {
-        self.shared.replays.answered(key, id.as_u128(), answer.clone());
-        self.shared.log.answer(key, &KeyRecord { answer: Some(answer), ..record });
+    pub async fn answered(&self, key: &str, id: Uuid, record: KeyRecord, answer: StoredAnswer) {
+        match &self.inner {
+            Inner::Local(shared) => {
+                shared.replays.answered(key, id.as_u128(), answer.clone());
+                shared.log.answer(key, &KeyRecord { answer: Some(answer), ..record });
+            }
+            Inner::Nats(cluster) => cluster.answered(key, record, answer).await,
+        }
     }
 
     /// A delivery as stored, or `None` when it is unknown (or older than the idempotency window).
@@ -436,7 +480,11 @@ impl Dispatcher {
     /// # Errors
     /// When the store cannot be read.
     pub async fn lookup(&self, id: Uuid) -> Result<Option<Summary>, LogError> {
-        Ok(self.shared.log.view(id.as_u128()).await?.map(|v| Summary::from_view(id, v)))
+        let shared = match &self.inner {
+            Inner::Local(shared) => shared,
+            Inner::Nats(cluster) => return cluster.lookup(id).await,
+        };
+        Ok(shared.log.view(id.as_u128()).await?.map(|v| Summary::from_view(id, v)))
     }
 
     /// Up to `limit` dead letters, of one backend (as written in `--backends`) or all.
@@ -444,7 +492,11 @@ impl Dispatcher {
     /// # Errors
     /// When the store cannot be read.
     pub async fn dead_letters(&self, backend: Option<String>, limit: usize) -> Result<Vec<DeadLetter>, LogError> {
-        self.shared.log.dead_letters(DeadFilter { backend, id: None }, limit).await
+        let shared = match &self.inner {
+            Inner::Local(shared) => shared,
+            Inner::Nats(cluster) => return cluster.dead_letters(backend, limit).await,
+        };
+        shared.log.dead_letters(DeadFilter { backend, id: None }, limit).await
     }
 
     /// How many dead letters there are, of one backend (as written in `--backends`) or all: the total that
@@ -453,13 +505,21 @@ impl Dispatcher {
     /// # Errors
     /// When the store cannot be read.
     pub async fn dead_letter_total(&self, backend: Option<String>) -> Result<u64, LogError> {
-        self.shared.log.dead_letter_count(DeadFilter { backend, id: None }).await
+        match &self.inner {
+            Inner::Local(shared) => shared.log.dead_letter_count(DeadFilter { backend, id: None }).await,
+            // The dead-letter stream is read through: a count costs a scan there.
+            Inner::Nats(cluster) => Ok(cluster.dead_letters(backend, usize::MAX).await?.len() as u64),
+        }
     }
 
     /// Every backend's state in pool order, as its worker last published it (at most about a second old; see
-    /// [`BackendStatus`]).
+    /// [`BackendStatus`]). Empty with the NATS store, whose workers are per backend and partition across every
+    /// instance: no one process holds a backend's breaker or queue.
     pub fn backend_statuses(&self) -> Vec<BackendStatus> {
-        crate::lock(&self.shared.statuses).iter().map(|rx| rx.borrow().clone()).collect()
+        match &self.inner {
+            Inner::Local(shared) => crate::lock(&shared.statuses).iter().map(|rx| rx.borrow().clone()).collect(),
+            Inner::Nats(_) => Vec::new(),
+        }
     }
 
     /// Puts dead letters (of one backend, of one delivery, or all) back in their queues with fresh attempts, in
@@ -468,11 +528,15 @@ impl Dispatcher {
     /// # Errors
     /// When the store fails; nothing moved then.
     pub async fn redrive(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, LogError> {
-        let pool = self.shared.labels.iter().map(|l| l.to_string()).collect();
         let filter = DeadFilter { backend, id: id.map(|i| i.as_u128()) };
-        let moved = self.shared.log.redrive(filter, pool).await?;
+        let shared = match &self.inner {
+            Inner::Local(shared) => shared,
+            Inner::Nats(cluster) => return Ok(cluster.redrive(filter).await?.len()),
+        };
+        let pool = shared.labels.iter().map(|l| l.to_string()).collect();
+        let moved = shared.log.redrive(filter, pool).await?;
         for (b, n) in per_backend(&moved) {
-            self.shared.tell(b, Msg::Redriven(n));
+            shared.tell(b, Msg::Redriven(n));
         }
         Ok(moved.len())
     }
@@ -483,10 +547,15 @@ impl Dispatcher {
     /// # Errors
     /// When the store fails; nothing is deleted then.
     pub async fn discard(&self, backend: Option<String>, id: Option<Uuid>) -> Result<usize, LogError> {
-        let gone = self.shared.log.discard(DeadFilter { backend, id: id.map(|i| i.as_u128()) }).await?;
+        let filter = DeadFilter { backend, id: id.map(|i| i.as_u128()) };
+        let shared = match &self.inner {
+            Inner::Local(shared) => shared,
+            Inner::Nats(cluster) => return Ok(cluster.discard(filter).await?.len()),
+        };
+        let gone = shared.log.discard(filter).await?;
         for (b, n) in per_backend(&gone) {
             tracing::warn!(backend = b, n, "dead letters discarded: these writes will not reach this backend");
-            self.shared.tell(b, Msg::Discarded(n));
+            shared.tell(b, Msg::Discarded(n));
         }
         Ok(gone.len())
     }
@@ -499,15 +568,23 @@ impl Dispatcher {
     /// When the log cannot read its history or record the recovery ([`LogError::Busy`] while another recovery of
     /// this backend is being started), or the worker is gone (shutting down).
     pub async fn recover(&self, label: &str, since_ms: u64) -> Result<RecoveryStatus, LogError> {
+        let shared = match &self.inner {
+            Inner::Local(shared) => shared,
+            Inner::Nats(cluster) => return cluster.recover(label, since_ms).await,
+        };
         let (done, answer) = oneshot::channel();
-        self.shared.tell(label, Msg::Recover { since_ms, done });
+        shared.tell(label, Msg::Recover { since_ms, done });
         answer.await.map_err(|_| LogError::Closed)?
     }
 
     /// The latest recovery of every backend that had one, in pool order.
     pub async fn recoveries(&self) -> Vec<RecoveryStatus> {
+        let shared = match &self.inner {
+            Inner::Local(shared) => shared,
+            Inner::Nats(cluster) => return cluster.recoveries().await,
+        };
         let mut out = Vec::new();
-        for q in &self.shared.queues {
+        for q in &shared.queues {
             let (reply, answer) = oneshot::channel();
             if q.send(Msg::RecoveryStatus(reply)).is_ok()
                 && let Ok(Some(status)) = answer.await
@@ -520,58 +597,82 @@ impl Dispatcher {
 
     /// What the write log's history holds.
     pub fn history(&self) -> crate::log::HistoryStats {
-        self.shared.log.history()
+        match &self.inner {
+            Inner::Local(shared) => shared.log.history(),
+            Inner::Nats(cluster) => cluster.history(),
+        }
     }
 
     /// True when `label` is a backend of the pool.
     pub fn knows_backend(&self, label: &str) -> bool {
-        self.shared.labels.iter().any(|l| &**l == label)
+        match &self.inner {
+            Inner::Local(shared) => shared.labels.iter().any(|l| &**l == label),
+            Inner::Nats(cluster) => cluster.knows_backend(label),
+        }
     }
 
     /// Deliveries not finished on every backend (pending, or a dead letter somewhere).
     pub fn unfinished(&self) -> u64 {
-        self.shared.log.unfinished()
+        match &self.inner {
+            Inner::Local(shared) => shared.log.unfinished(),
+            Inner::Nats(cluster) => cluster.unfinished(),
+        }
     }
 
     /// True while new writes can be accepted (not shutting down, below the bounds, the store healthy).
     pub fn ready(&self) -> bool {
-        !self.shared.closing.load(Ordering::Acquire)
-            && self.shared.clients.available_permits() > 0
-            && self.shared.log.unfinished() < self.pending_limit()
-            && self.shared.log.healthy()
+        match &self.inner {
+            Inner::Local(shared) => {
+                !shared.closing.load(Ordering::Acquire)
+                    && shared.clients.available_permits() > 0
+                    && shared.log.unfinished() < shared.pending_limit()
+                    && shared.log.healthy()
+            }
+            Inner::Nats(cluster) => cluster.ready(),
+        }
     }
 
     /// The ack policy.
     pub fn ack_policy(&self) -> AckPolicy {
-        self.shared.settings.ack
+        match &self.inner {
+            Inner::Local(shared) => shared.settings.ack,
+            Inner::Nats(cluster) => cluster.dispatch.ack,
+        }
     }
 
     /// Stops accepting writes, lets the workers go on for most of `grace` (see [`Worker::run`]), then tells the
     /// clients still waiting to take a `202` now (so that each gets an answer before its connection closes),
     /// stops the workers, and makes the outbox durable. Returns the deliveries not finished on every backend.
     pub async fn close(&self, grace: Duration) -> u64 {
-        self.shared.closing.store(true, Ordering::Release);
-        let _ = self.shared.stop.send(true);
-        let workers = std::mem::take(&mut *crate::lock(&self.shared.workers));
+        let shared = match &self.inner {
+            Inner::Local(shared) => shared,
+            Inner::Nats(cluster) => return cluster.close(grace).await,
+        };
+        shared.closing.store(true, Ordering::Release);
+        let _ = shared.stop.send(true);
+        let workers = std::mem::take(&mut *crate::lock(&shared.workers));
         let aborts: Vec<_> = workers.iter().map(JoinHandle::abort_handle).collect();
         // The last tenth (at most a second) is for answering the clients still waiting.
         let work = grace.saturating_sub((grace / 10).min(Duration::from_secs(1)));
         let drained = tokio::time::timeout(work, futures_util::future::join_all(workers)).await.is_ok();
-        let _ = self.shared.answer_now.send(true);
+        let _ = shared.answer_now.send(true);
         if !drained {
             for a in aborts {
                 a.abort();
             }
         }
-        if let Err(err) = self.shared.log.flush().await {
+        if let Err(err) = shared.log.flush().await {
             tracing::error!(error = %err, "outbox: final flush failed");
         }
-        self.shared.log.unfinished()
+        shared.log.unfinished()
     }
 
     /// True when accepted writes are kept in a durable outbox.
     pub fn durable(&self) -> bool {
-        self.shared.log.durable()
+        match &self.inner {
+            Inner::Local(shared) => shared.log.durable(),
+            Inner::Nats(_) => true,
+        }
     }
 }
 

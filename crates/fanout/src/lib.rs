@@ -15,6 +15,8 @@
 //!   reports what happened as events.
 //! - [`breaker`]: the circuit breaker's state machine.
 //! - [`log`]: the write log, the one seam to storage: accepted writes, queues, dead letters, idempotency records.
+//! - [`jetstream`]: the NATS JetStream store (`--store nats://...`), shared by several instances, and its
+//!   delivery workers.
 //! - [`replay`]: idempotent client replay by `Idempotency-Key`.
 //! - [`routes`]: the axum routers and the error type clients see.
 //! - [`auth`]: the admin token the state-changing admin routes need.
@@ -34,6 +36,7 @@ pub mod config;
 pub mod console;
 pub mod delivery;
 pub mod forward;
+pub mod jetstream;
 pub mod listen;
 pub mod log;
 pub mod metrics;
@@ -83,6 +86,9 @@ pub enum RunError {
         /// The directory.
         dir: String,
     },
+    /// The NATS store cannot start (`--store`).
+    #[error(transparent)]
+    Nats(#[from] jetstream::StoreError),
     /// The write log cannot be opened or read.
     #[error("--data-dir (DATA_DIR) {dir}: {error}")]
     Store {
@@ -106,19 +112,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let pool = config.validate()?;
-    let store_error = |error| RunError::Store { dir: config.data_dir.display().to_string(), error };
-    if config.data_dir.join("outbox.redb").exists() {
-        // The store of earlier versions; its format is not read any more.
-        return Err(RunError::OldOutbox { dir: config.data_dir.display().to_string() });
-    }
-    if config.no_outbox && config.data_dir.join("log").exists() {
-        tracing::warn!(
-            data_dir = %config.data_dir.display(),
-            "--no-outbox: writes left in this write log by an earlier run are NOT delivered now; start without \
-             --no-outbox to deliver them"
-        );
-    }
-    let history = config.history_limits();
+    let nats = config.nats_store()?;
     let keys = config.encryption_keys()?.map(Arc::new);
     if let Some(mode) = keys.as_ref().and_then(|k| k.loose_mode()) {
         tracing::warn!(
@@ -126,54 +120,56 @@ pub async fn run(
             "--encryption-key-file (ENCRYPTION_KEY_FILE) can be read by group or others: chmod 600 it"
         );
     }
-    if keys.is_some() && config.no_outbox {
-        tracing::info!("--encryption-key-file: nothing is stored with --no-outbox, so nothing is encrypted");
-    }
-    let log: Arc<dyn WriteLog> = match config.outbox_dir() {
-        Some(dir) => Arc::new(log::disk::DiskLog::open(&dir.join("log"), history, keys).map_err(store_error)?),
-        None => Arc::new(log::memory::MemoryLog::with_history(history)),
-    };
-    let labels = pool.iter().map(|b| b.label().to_owned()).collect();
-    let pool_size = pool.len();
-    let startup = log.startup(labels).await.map_err(store_error)?;
-    let window_ms = u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
-    let keys = log.idempotency_keys(window_ms, log::now_ms()).await.map_err(store_error)?;
-    let replays = replay::Replays::new(config.idempotency_window, keys, log::now_ms());
     let metrics = Metrics::new();
-    let dispatcher = Dispatcher::new(
-        DispatchSettings {
-            pool,
-            backoff: backoff::Backoff {
-                initial: config.initial_backoff,
-                max: config.max_backoff,
-                max_jitter: config.max_jitter,
-            },
-            max_attempts: config.max_attempts,
-            attempt_timeout: config.attempt_timeout,
-            ack: config.ack,
-            max_in_flight: config.max_in_flight,
-            max_pending: config.max_pending,
-            pool_idle_timeout: config.pool_idle_timeout,
-            queue: queue::QueueSettings {
-                concurrency: config.backend_concurrency,
-                breaker_failures: config.breaker_failures,
-                budget_ratio: config.retry_budget_ratio,
-                budget_min_per_sec: config.retry_budget_min_per_sec,
-                breaker_failure_rate: config.breaker_failure_rate,
-                breaker_window: config.breaker_window,
-                breaker_min_requests: config.breaker_min_requests,
-                probe_interval_max: config.probe_interval_max,
-            },
+    let pool_size = pool.len();
+    let settings = DispatchSettings {
+        pool,
+        backoff: backoff::Backoff {
+            initial: config.initial_backoff,
+            max: config.max_backoff,
+            max_jitter: config.max_jitter,
         },
-        metrics.clone(),
-        log.clone(),
-        replays,
-        &startup,
-    )?;
-    let pending: u64 = startup.backends.values().map(|c| c.pending).sum();
-    if pending > 0 || startup.orphaned > 0 {
-        tracing::info!(pending, orphaned = startup.orphaned, "resuming the queues left in the outbox");
-    }
+        max_attempts: config.max_attempts,
+        attempt_timeout: config.attempt_timeout,
+        ack: config.ack,
+        max_in_flight: config.max_in_flight,
+        max_pending: config.max_pending,
+        pool_idle_timeout: config.pool_idle_timeout,
+        queue: queue::QueueSettings {
+            concurrency: config.backend_concurrency,
+            breaker_failures: config.breaker_failures,
+            budget_ratio: config.retry_budget_ratio,
+            budget_min_per_sec: config.retry_budget_min_per_sec,
+            breaker_failure_rate: config.breaker_failure_rate,
+            breaker_window: config.breaker_window,
+            breaker_min_requests: config.breaker_min_requests,
+            probe_interval_max: config.probe_interval_max,
+        },
+    };
+    let window_ms = u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
+    let (dispatcher, log, store) = match nats {
+        Some(urls) => {
+            let instance = instance_name(&config.instance);
+            let transport = Arc::new(attempt::Http::new(settings.pool_idle_timeout, settings.attempt_timeout)?);
+            let nats = jetstream::NatsSettings {
+                urls: urls.clone(),
+                replicas: config.store_replicas,
+                partitions: config.partitions,
+                instance: instance.clone(),
+                idempotency_window: config.idempotency_window,
+                history_window: config.history_window,
+                history_max_bytes: config.history_max_bytes.as_u64(),
+            };
+            let cluster = jetstream::Cluster::start(nats, settings, metrics.clone(), keys, transport).await?;
+            let store = format!("nats {} (instance {instance}, partitions {})", urls.join(","), config.partitions);
+            (Dispatcher::nats(cluster), None, store)
+        }
+        None => {
+            let (dispatcher, log) = embedded(&config, settings, metrics.clone(), keys).await?;
+            let store = config.outbox_dir().map_or_else(|| "(in memory)".to_owned(), |d| d.display().to_string());
+            (dispatcher, Some(log), store)
+        }
+    };
     let ordering_key = Some(config.ordering_key.trim()).filter(|k| !k.is_empty()).map(str::to_owned);
     let state = AppState {
         dispatcher: dispatcher.clone(),
@@ -224,7 +220,7 @@ pub async fn run(
         header_timeout = ?config.header_timeout,
         idle_timeout = ?config.idle_timeout,
         body_timeout = ?config.body_timeout,
-        data_dir = %config.outbox_dir().map_or_else(|| "(in memory)".to_owned(), |d| d.display().to_string()),
+        store = %store,
         "fanout listening"
     );
 
@@ -250,7 +246,9 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 n += 1;
-                log.tick(window_ms, keep_delivered);
+                if let Some(log) = &log {
+                    log.tick(window_ms, keep_delivered);
+                }
                 if n.is_multiple_of(UPKEEP_INTERVAL.as_secs()) {
                     metrics.run_upkeep();
                 }
@@ -281,6 +279,63 @@ pub async fn run(
     let _ = tokio::time::timeout(FINAL_WAIT, metrics_server).await;
     upkeep.abort();
     Ok(())
+}
+
+/// The embedded store: the write log in `--data-dir` (or memory with `--no-outbox`) and this process's queue
+/// workers, resuming what the log holds.
+async fn embedded(
+    config: &Config,
+    settings: DispatchSettings,
+    metrics: Metrics,
+    keys: Option<Arc<log::seal::Keyring>>,
+) -> Result<(Dispatcher, Arc<dyn WriteLog>), RunError> {
+    let store_error = |error| RunError::Store { dir: config.data_dir.display().to_string(), error };
+    if config.data_dir.join("outbox.redb").exists() {
+        // The store of earlier versions; its format is not read any more.
+        return Err(RunError::OldOutbox { dir: config.data_dir.display().to_string() });
+    }
+    if config.no_outbox && config.data_dir.join("log").exists() {
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "--no-outbox: writes left in this write log by an earlier run are NOT delivered now; start without \
+             --no-outbox to deliver them"
+        );
+    }
+    if keys.is_some() && config.no_outbox {
+        tracing::info!("--encryption-key-file: nothing is stored with --no-outbox, so nothing is encrypted");
+    }
+    let history = config.history_limits();
+    let log: Arc<dyn WriteLog> = match config.outbox_dir() {
+        Some(dir) => Arc::new(log::disk::DiskLog::open(&dir.join("log"), history, keys).map_err(store_error)?),
+        None => Arc::new(log::memory::MemoryLog::with_history(history)),
+    };
+    let labels = settings.pool.iter().map(|b| b.label().to_owned()).collect();
+    let startup = log.startup(labels).await.map_err(store_error)?;
+    let window_ms = u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
+    let keys = log.idempotency_keys(window_ms, log::now_ms()).await.map_err(store_error)?;
+    let replays = replay::Replays::new(config.idempotency_window, keys, log::now_ms());
+    let dispatcher = Dispatcher::new(settings, metrics, log.clone(), replays, &startup)?;
+    let pending: u64 = startup.backends.values().map(|c| c.pending).sum();
+    if pending > 0 || startup.orphaned > 0 {
+        tracing::info!(pending, orphaned = startup.orphaned, "resuming the queues left in the outbox");
+    }
+    Ok((dispatcher, log))
+}
+
+/// This instance's name on the NATS store: `--instance`, or the host name (its letters, digits, `-` and `_`)
+/// and four random hex digits, so that two instances on one host differ.
+fn instance_name(given: &str) -> String {
+    if !given.is_empty() {
+        return given.to_owned();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(40).collect();
+    let suffix: u16 = rand::random();
+    if host.is_empty() { format!("fanout-{suffix:04x}") } else { format!("{host}-{suffix:04x}") }
 }
 
 /// Locks `mutex`, poisoned or not: every critical section of this crate leaves its data consistent (no code

@@ -52,6 +52,8 @@ pub enum Check {
     InProgress,
     /// The key was used with another body.
     Conflict,
+    /// The shared store of keys (`--store nats://...`) cannot be read now: `503`, nothing is stored.
+    Unavailable,
 }
 
 /// The fingerprint of a write for replays: SHA-256 over its method, path and body, so that a key reused on

@@ -481,11 +481,13 @@ async fn write(
     let idempotency = match &key {
         None => None,
         Some(k) => {
-            match state.dispatcher.check_key(k, replay::request_hash(method.as_str(), &path_and_query, &body), id) {
+            let hash = replay::request_hash(method.as_str(), &path_and_query, &body);
+            match state.dispatcher.check_key(k, hash, id).await {
                 Check::New(record) => Some((k.clone(), record)),
                 Check::Replay(record) => return Ok(replayed(&state, record).await),
                 Check::Conflict => return Err(ApiError::KeyReused),
                 Check::InProgress => return Err(ApiError::KeyInProgress),
+                Check::Unavailable => return Err(ApiError::StoreUnavailable),
             }
         }
     };
@@ -543,7 +545,7 @@ async fn write(
                 );
             }
             if let Some((k, record)) = idempotency {
-                state.dispatcher.answered(&k, id, record, answer.clone());
+                state.dispatcher.answered(&k, id, record, answer.clone()).await;
             }
             stored_response(answer)
         }

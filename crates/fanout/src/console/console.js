@@ -424,6 +424,8 @@
       }
       syncRows($('backends').tBodies[0], state.backends, (b) => b.backend, backendRow,
         (tr, b) => updateBackend(tr, b, now));
+      $('backends').hidden = state.backends.length === 0;
+      $('backends-empty').hidden = state.backends.length > 0;
       setText($('summary'), `${state.unfinished} deliveries unfinished · ${state.ready ? 'accepting writes' :
         'NOT accepting writes (see /readyz)'}`);
       renderDead(dead, now);

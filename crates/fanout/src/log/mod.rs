@@ -72,6 +72,9 @@ pub enum LogError {
     /// given), or it does not authenticate (see [`seal`]). At start this refuses the start, naming the flag.
     #[error("--encryption-key-file (ENCRYPTION_KEY_FILE): {0}")]
     Sealed(String),
+    /// The NATS JetStream store failed (`--store nats://...`): what was being done, and the client's error.
+    #[error("NATS store: {0}")]
+    Nats(String),
     /// The operation cannot run now (the reason says why); try again later.
     #[error("busy: {0}")]
     Busy(&'static str),

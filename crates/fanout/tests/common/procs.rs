@@ -86,6 +86,26 @@ impl Proc {
         }
     }
 
+    /// Waits up to `within` for a stderr line holding `text` (for programs that do not log JSON).
+    pub fn wait_for_line(&mut self, text: &str, within: Duration) {
+        let deadline = std::time::SystemTime::now() + within;
+        loop {
+            let left = deadline.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO);
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(text);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    panic!("{}: no line with {text:?} within {within:?}; saw:\n{}", self.name, self.seen.join("\n"))
+                }
+            }
+        }
+    }
+
     /// Every stderr line seen so far and any still queued, waiting up to `within` for the stream to end (the
     /// process must have exited for that).
     pub fn all_lines(&mut self, within: Duration) -> Vec<String> {
@@ -209,6 +229,74 @@ pub fn fanout_with_outbox(backends: &[SocketAddr], extra: &[&str], data_dir: &st
     (p, api, metrics)
 }
 
+/// `nats-server` from `NATS_SERVER_BIN`, the PATH or /usr/bin. Panics with the install line when it is missing:
+/// the NATS tests never skip silently.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+    for dir in dirs.into_iter().chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")]) {
+        let p = dir.join("nats-server");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("nats-server is required by the NATS store tests and was not found: apt-get install nats-server");
+}
+
+/// A free loopback port (free when asked: another process may take it before it is used, which the caller
+/// reports as a failed start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("probe port").local_addr().expect("addr").port()
+}
+
+/// One `nats-server` of a test cluster.
+pub struct NatsNode {
+    pub proc: Proc,
+    /// `nats://127.0.0.1:port` for clients.
+    pub url: String,
+    /// The HTTP monitoring endpoint (`/jsz` and friends), `127.0.0.1:port`.
+    pub monitor: SocketAddr,
+    _dir: Prefix,
+}
+
+/// `n` nats-server processes with JetStream, clustered over loopback routes (one is a cluster of one), each
+/// with its own store directory; returns once every node has seen a JetStream metadata leader elected.
+pub fn nats_cluster(n: usize) -> Vec<NatsNode> {
+    let bin = nats_server_bin();
+    let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let monitor_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let routes = route_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let dir = std::env::temp_dir().join(format!("fanout-nats-{}-{}-{i}", std::process::id(), client_ports[i]));
+        std::fs::create_dir_all(&dir).expect("nats store dir");
+        let port = client_ports[i].to_string();
+        let name = format!("n{i}");
+        let store = dir.to_str().expect("utf-8").to_owned();
+        let cluster = format!("nats://127.0.0.1:{}", route_ports[i]);
+        let monitor = monitor_ports[i].to_string();
+        let mut args =
+            vec!["-js", "-a", "127.0.0.1", "-p", &port, "-m", &monitor, "-sd", &store, "--server_name", &name];
+        if n > 1 {
+            args.extend_from_slice(&["--cluster_name", "fanout-test", "--cluster", &cluster, "--routes", &routes]);
+        }
+        let mut proc = spawn(&format!("nats-{i}"), &bin, &args, &[]);
+        proc.graceful_stop = false;
+        proc.wait_for_line("Server is ready", START);
+        let monitor = format!("127.0.0.1:{monitor}").parse().expect("addr");
+        nodes.push(NatsNode { proc, url: format!("nats://127.0.0.1:{port}"), monitor, _dir: Prefix(dir) });
+    }
+    if n > 1 {
+        for node in &mut nodes {
+            node.proc.wait_for_line("metadata leader", Duration::from_secs(60));
+        }
+    }
+    nodes
+}
+
 /// A private nginx prefix directory, removed on drop.
 pub struct Prefix(pub PathBuf);
 
@@ -221,6 +309,11 @@ impl Drop for Prefix {
 /// Renders the template with `nginx/render.sh` and starts nginx from a private prefix on a free loopback port;
 /// returns (process, prefix, address). Retries with another port if the chosen one was taken meanwhile.
 pub fn nginx(backends: [SocketAddr; 3], lb: SocketAddr, lb_metrics: SocketAddr) -> (Proc, Prefix, SocketAddr) {
+    nginx_over(backends, &lb.to_string(), &lb_metrics.to_string())
+}
+
+/// Like [`nginx`], with `lb` and `lb_metrics` comma lists of fanout instances (the NATS store).
+pub fn nginx_over(backends: [SocketAddr; 3], lb: &str, lb_metrics: &str) -> (Proc, Prefix, SocketAddr) {
     let nginx = nginx_bin();
     for attempt in 0..5 {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port").local_addr().expect("addr").port();
@@ -232,8 +325,8 @@ pub fn nginx(backends: [SocketAddr; 3], lb: SocketAddr, lb_metrics: SocketAddr) 
             backends[0].to_string(),
             backends[1].to_string(),
             backends[2].to_string(),
-            lb.to_string(),
-            lb_metrics.to_string(),
+            lb.to_owned(),
+            lb_metrics.to_owned(),
         );
         let rendered = Command::new(repo_root().join("nginx/render.sh"))
             .arg(&dir)
