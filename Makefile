@@ -1,5 +1,5 @@
 # Entry points of the project; .ci/run calls the same targets.
-.PHONY: all build release run run-cluster reset recipes-test test lint fmt smoke docker-lint compose-test load-test bench bench-memory wrk-available up down logs images clean help
+.PHONY: all build release run run-cluster reset recipes-test console-screenshot test lint fmt smoke docker-lint compose-test load-test bench bench-memory wrk-available up down logs images clean help
 
 CARGO ?= cargo
 
@@ -10,7 +10,8 @@ help:
 	@echo "make run-cluster - the same with three NATS JetStream nodes and three fanout instances (needs nats-server)"
 	@echo "make reset  - removes make run's outbox and logs under .run/ (refuses while the stack runs)"
 	@echo "make recipes-test - runs the README's operator recipes, as written, against make run on spare ports"
-	@echo "make test   - unit, integration and end-to-end tests (installs nginx when missing and root)"
+	@echo "make test   - unit, integration, end-to-end and browser tests (installs nginx, chromium when missing and root)"
+	@echo "make console-screenshot - the console with a staged outage, as docs/console.png (headless chromium)"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make smoke  - starts 'make run' in the background, tries the README's curl lines, stops it"
 	@echo "make load-test - Locust against the local stack, then checks that every backend converged"
@@ -40,9 +41,15 @@ reset:
 recipes-test:
 	./scripts/recipes-test.sh
 
-# The end-to-end tests need nginx and the demo-backend binary beside fanout's.
+# The README's picture of the console (docs/console.png): the browser test takes it with its staged outage.
+console-screenshot:
+	@./scripts/ensure-chromium.sh >/dev/null
+	CONSOLE_SCREENSHOT=$(CURDIR)/docs/console.png $(CARGO) test -p fanout --test console
+
+# The end-to-end tests need nginx and the demo-backend binary beside fanout's; the console's, chromium.
 test:
 	@./scripts/ensure-nginx.sh >/dev/null
+	@./scripts/ensure-chromium.sh >/dev/null
 	$(CARGO) build --workspace --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \

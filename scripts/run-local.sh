@@ -203,6 +203,7 @@ The stack is up (logs in ${RUN_DIR#"$root"/}/logs/):
   outages        $(for p in "${control_ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)  (POST /down, /up, /slow?delay=2s, /flaky?share=0.5, /wipe)
   PIDs           ${RUN_DIR#"$root"/}/pids/*.pid
   admin          $(for p in "${fanout_metrics_ports[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)  (dead letters, recoveries; the token is in ${ADMIN_TOKEN_FILE#"$root"/})
+  console        http://127.0.0.1:${fanout_metrics_ports[0]}/console   (in a browser; its actions ask for that token)
 
 Try:
   curl $lb/login

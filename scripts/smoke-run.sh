@@ -58,6 +58,11 @@ redrive=$(curl -fsS -H "Authorization: Bearer $(cat "$RUN_DIR/admin-token")" -X 
   || fail "a redrive with the token of $RUN_DIR/admin-token was refused"
 [ "$redrive" = '{"redriven":0}' ] || fail "redrive answered: $redrive"
 [ "$(stat -c %a "$RUN_DIR/admin-token")" = 600 ] || fail "$RUN_DIR/admin-token is not 0600"
+# The console's page and its state, on the admin port.
+curl -fsS "$admin/console" | grep -q '<title>fanout console</title>' || fail "GET /console"
+curl -fsS "$admin/console/api/state" | grep -q '"breaker":"closed"' || fail "GET /console/api/state"
+grep -q "console        http://127.0.0.1:$FANOUT_METRICS_PORT/console" "$log" || fail "make run does not print the console's URL"
+if curl -s "$lb/console" | grep -q 'fanout console'; then fail "nginx serves the console (admin port only)"; fi
 # nginx forwards none of it.
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$lb/dead-letters/redrive")
 [ "$code" = 404 ] || fail "nginx answered $code to /dead-letters/redrive, not 404"

@@ -32,7 +32,7 @@ use crate::log::{
     id_time_ms, now_ms,
 };
 use crate::metrics::Metrics;
-use crate::queue::{Event, Events, Msg, NewEntry, QueueSettings, RecoveryStatus, Worker, WorkerContext};
+use crate::queue::{BackendStatus, Event, Events, Msg, NewEntry, QueueSettings, RecoveryStatus, Worker, WorkerContext};
 use crate::replay::{Check, KeyRecord, Replays, StoredAnswer};
 use crate::tally::{Decision, Tally};
 
@@ -199,6 +199,8 @@ struct Shared {
     stop: watch::Sender<bool>,
     answer_now: watch::Sender<bool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Each worker's published status, in pool order.
+    statuses: Mutex<Vec<watch::Receiver<BackendStatus>>>,
 }
 
 impl Events for Shared {
@@ -345,8 +347,10 @@ impl Dispatcher {
             stop,
             answer_now: watch::channel(false).0,
             workers: Mutex::new(Vec::new()),
+            statuses: Mutex::new(Vec::new()),
         });
         let mut workers = Vec::new();
+        let mut statuses = Vec::new();
         for (index, rx) in receivers.into_iter().enumerate() {
             let addr = shared.settings.pool[index].clone();
             let counts = startup.backends.get(addr.label()).cloned().unwrap_or_default();
@@ -362,9 +366,11 @@ impl Dispatcher {
                 events: shared.clone(),
             };
             let worker = Worker::new(ctx, rx, stopped.clone(), counts);
+            statuses.push(worker.status());
             workers.push(tokio::spawn(worker.run()));
         }
         *crate::lock(&shared.workers) = workers;
+        *crate::lock(&shared.statuses) = statuses;
         Self { inner: Inner::Local(shared) }
     }
 
@@ -491,6 +497,29 @@ impl Dispatcher {
             Inner::Nats(cluster) => return cluster.dead_letters(backend, limit).await,
         };
         shared.log.dead_letters(DeadFilter { backend, id: None }, limit).await
+    }
+
+    /// How many dead letters there are, of one backend (as written in `--backends`) or all: the total that
+    /// [`Dispatcher::dead_letters`] gives a page of.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn dead_letter_total(&self, backend: Option<String>) -> Result<u64, LogError> {
+        match &self.inner {
+            Inner::Local(shared) => shared.log.dead_letter_count(DeadFilter { backend, id: None }).await,
+            // The dead-letter stream is read through: a count costs a scan there.
+            Inner::Nats(cluster) => Ok(cluster.dead_letters(backend, usize::MAX).await?.len() as u64),
+        }
+    }
+
+    /// Every backend's state in pool order, as its worker last published it (at most about a second old; see
+    /// [`BackendStatus`]). Empty with the NATS store, whose workers are per backend and partition across every
+    /// instance: no one process holds a backend's breaker or queue.
+    pub fn backend_statuses(&self) -> Vec<BackendStatus> {
+        match &self.inner {
+            Inner::Local(shared) => crate::lock(&shared.statuses).iter().map(|rx| rx.borrow().clone()).collect(),
+            Inner::Nats(_) => Vec::new(),
+        }
     }
 
     /// Puts dead letters (of one backend, of one delivery, or all) back in their queues with fresh attempts, in

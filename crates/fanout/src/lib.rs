@@ -20,6 +20,7 @@
 //! - [`replay`]: idempotent client replay by `Idempotency-Key`.
 //! - [`routes`]: the axum routers and the error type clients see.
 //! - [`auth`]: the admin token the state-changing admin routes need.
+//! - [`console`]: the operator console, a web page on the admin port (its files under `src/console/`).
 //! - [`metrics`]: every metric name and HELP text.
 //! - [`listen`]: the listeners' accept loop: header, idle and body timeouts, the connection caps.
 //! - [`ratelog`]: at most one log line a second per kind of event that can come by the thousand.
@@ -32,6 +33,7 @@ pub mod backend;
 pub mod backoff;
 pub mod breaker;
 pub mod config;
+pub mod console;
 pub mod delivery;
 pub mod forward;
 pub mod jetstream;

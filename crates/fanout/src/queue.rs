@@ -43,7 +43,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use crate::attempt::{Answer, AttemptResult, Transport};
 use crate::backend::{BackendAddr, Outcome};
 use crate::backoff::Backoff;
-use crate::breaker::{Breaker, BreakerSettings, Change, Failure, Trip};
+use crate::breaker::{Breaker, BreakerSettings, Change, Failure, State as BreakerState, Trip};
 use crate::forward::ForwardRequest;
 use crate::log::{
     BackendCounts, DeadRow, DeliveredRow, Loaded, LogError, QueueRow, Recovered, Settlement, WriteLog, now_ms,
@@ -58,8 +58,11 @@ pub const WINDOW: usize = 4096;
 /// How long a retry refused by the retry budget waits at least before it asks again.
 pub const BUDGET_WAIT: Duration = Duration::from_millis(100);
 
-/// How often the queue gauges are refreshed.
+/// How often the queue gauges are refreshed (and the [`BackendStatus`] published).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The window over which [`BackendStatus::attempts_per_sec`] is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// A message from the dispatcher to one worker.
 #[derive(Debug)]
@@ -112,6 +115,44 @@ pub struct RecoveryStatus {
     pub complete: bool,
     /// Seconds to catch up at the rate so far (`None` before the first delivery, and once done).
     pub eta_seconds: Option<f64>,
+}
+
+/// One backend's state as its worker last published it (every [`GAUGE_INTERVAL`], and at once when its breaker
+/// opens or closes): what the operator console shows per backend. Reading it costs the reader a lock on a
+/// `watch` channel and nothing of the worker.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackendStatus {
+    /// The backend, as written in `--backends`.
+    pub backend: Arc<str>,
+    /// The circuit breaker: `closed`, `open` (the queue is paused and probed) or `half_open` (a probe is out).
+    pub breaker: &'static str,
+    /// Entries in the queue (on disk or in memory), as `fanout_pending_deliveries`.
+    pub pending: u64,
+    /// Attempts on the wire now.
+    pub in_flight: usize,
+    /// Dead letters held, as `fanout_dead_letters`.
+    pub dead_letters: u64,
+    /// Age of the oldest entry in the queue, in seconds (0 when empty), as `fanout_oldest_pending_seconds`.
+    pub oldest_pending_seconds: f64,
+    /// Attempts finished per second over the last 10 s (probes included; 0 in the first second).
+    pub attempts_per_sec: f64,
+    /// Attempts finished since start.
+    pub attempts: u64,
+    /// The last attempt that failed, if any.
+    pub last_error: Option<LastError>,
+    /// When the last attempt succeeded (RFC 3339), if any did.
+    pub last_success_at: Option<String>,
+}
+
+/// The last failed attempt of a backend.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LastError {
+    /// Its class: an `outcome` label of `fanout_attempt_duration_seconds` (`status_5xx`, `connect_error`, ...).
+    pub outcome: &'static str,
+    /// The status of the answer, when there was one.
+    pub status: Option<u16>,
+    /// When it came back (RFC 3339).
+    pub at: String,
 }
 
 /// A recovery in progress or done.
@@ -321,6 +362,14 @@ pub struct Worker {
     recover_reply: Option<oneshot::Sender<Result<RecoveryStatus, LogError>>>,
     /// The latest recovery.
     recovery: Option<Recovery>,
+    /// Where the [`BackendStatus`] is published.
+    status: watch::Sender<BackendStatus>,
+    /// Attempts finished since start.
+    attempts: u64,
+    /// (when, attempts by then), oldest first, reaching back [`RATE_WINDOW`]: the attempt rate's marks.
+    rate_marks: VecDeque<(Instant, u64)>,
+    last_error: Option<LastError>,
+    last_success_ms: Option<u64>,
 }
 
 impl Worker {
@@ -334,8 +383,21 @@ impl Worker {
     ) -> Self {
         let WorkerContext { index, addr, log, transport, backoff, max_attempts, settings, metrics, events } = ctx;
         let BackendCounts { pending, dead } = counts;
+        let label: Arc<str> = addr.label().into();
+        let (status, _) = watch::channel(BackendStatus {
+            backend: label.clone(),
+            breaker: "closed",
+            pending,
+            in_flight: 0,
+            dead_letters: dead,
+            oldest_pending_seconds: 0.0,
+            attempts_per_sec: 0.0,
+            attempts: 0,
+            last_error: None,
+            last_success_at: None,
+        });
         Self {
-            label: addr.label().into(),
+            label,
             index,
             addr,
             log,
@@ -371,7 +433,17 @@ impl Worker {
             recovering: None,
             recover_reply: None,
             recovery: None,
+            status,
+            attempts: 0,
+            rate_marks: VecDeque::new(),
+            last_error: None,
+            last_success_ms: None,
         }
+    }
+
+    /// This worker's [`BackendStatus`], as published from now on (take it before [`Worker::run`]).
+    pub fn status(&self) -> watch::Receiver<BackendStatus> {
+        self.status.subscribe()
     }
 
     /// True while a recovery stops the worker from sending.
@@ -498,6 +570,7 @@ impl Worker {
                 },
                 Some((seq, probe, started, result)) = self.running.next(), if !self.running.is_empty() => {
                     self.metrics.attempt(result.outcome, started.elapsed());
+                    self.attempted(&result);
                     self.finished(seq, probe, result).await;
                 }
                 loaded = async { match self.load.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
@@ -846,7 +919,22 @@ impl Worker {
         }
     }
 
+    /// Notes a finished attempt for the [`BackendStatus`].
+    fn attempted(&mut self, result: &AttemptResult) {
+        self.attempts += 1;
+        if result.outcome == Outcome::Success {
+            self.last_success_ms = Some(now_ms());
+        } else {
+            self.last_error = Some(LastError {
+                outcome: result.outcome.as_str(),
+                status: result.answer.as_ref().map(|a| a.status.as_u16()),
+                at: rfc3339_ms(now_ms()),
+            });
+        }
+    }
+
     fn breaker_changed(&mut self, change: Change) {
+        let changed = !matches!(change, Change::None);
         match change {
             Change::None => {}
             Change::Opened(trip) => {
@@ -881,6 +969,9 @@ impl Worker {
             }
         }
         self.metrics.breaker_state().set(self.breaker.state().code());
+        if changed {
+            self.publish(Instant::now());
+        }
     }
 
     /// The entry is done on this backend: delivered, or a dead letter.
@@ -942,16 +1033,52 @@ impl Worker {
         self.events.report(Event::Finished { index: self.index, id: e.id, result });
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
         self.metrics.pending().set(self.pending as f64);
         self.metrics.dead_letters().set(self.dead as f64);
         self.metrics.breaker_state().set(self.breaker.state().code());
+        self.metrics.oldest_pending().set(self.oldest_pending());
+        let now = Instant::now();
+        self.rate_marks.push_back((now, self.attempts));
+        // Keep the newest mark at least RATE_WINDOW old as the base of the rate.
+        while self.rate_marks.len() > 1 && self.rate_marks.get(1).is_some_and(|(t, _)| now - *t >= RATE_WINDOW) {
+            self.rate_marks.pop_front();
+        }
+        self.publish(now);
+    }
+
+    /// Age of the oldest entry in the queue, in seconds (0 when none is in memory).
+    fn oldest_pending(&self) -> f64 {
         // The window holds the oldest entries, so the first one in memory is the oldest pending.
-        let oldest = self.entries.values().next().map_or(0.0, |e| {
+        self.entries.values().next().map_or(0.0, |e| {
             let accepted = std::time::UNIX_EPOCH + Duration::from_millis(e.accepted_at_ms);
             SystemTime::now().duration_since(accepted).map_or(0.0, |d| d.as_secs_f64())
+        })
+    }
+
+    /// Publishes the [`BackendStatus`] as of `now`.
+    fn publish(&self, now: Instant) {
+        let rate = match self.rate_marks.front() {
+            Some(&(since, base)) if now > since => (self.attempts - base) as f64 / (now - since).as_secs_f64(),
+            _ => 0.0,
+        };
+        let breaker = match self.breaker.state() {
+            BreakerState::Closed { .. } => "closed",
+            BreakerState::Open { .. } => "open",
+            BreakerState::HalfOpen { .. } => "half_open",
+        };
+        self.status.send_replace(BackendStatus {
+            backend: self.label.clone(),
+            breaker,
+            pending: self.pending,
+            in_flight: self.running.len(),
+            dead_letters: self.dead,
+            oldest_pending_seconds: (self.oldest_pending() * 10.0).round() / 10.0,
+            attempts_per_sec: (rate * 10.0).round() / 10.0,
+            attempts: self.attempts,
+            last_error: self.last_error.clone(),
+            last_success_at: self.last_success_ms.map(rfc3339_ms),
         });
-        self.metrics.oldest_pending().set(oldest);
     }
 }
 
@@ -1239,6 +1366,47 @@ mod tests {
         assert!(deferred > 0.0, "retries were deferred");
         // Nothing is dropped: given time, every write is delivered.
         finished(&d, submitted, Duration::from_secs(3600)).await;
+    }
+
+    /// The status each worker publishes for the console: a dead backend's breaker open with its queue and its
+    /// last error, a healthy one closed and empty with its last success, a refusing one with its dead letter
+    /// (also in the log's total).
+    #[tokio::test]
+    async fn each_worker_publishes_its_backends_state() {
+        let script = Script::new(|backend, _, _| match backend {
+            "b2:80" => Outcome::Connect,
+            "b3:80" => Outcome::Rejected,
+            _ => Outcome::Success,
+        });
+        let (d, _) = dispatcher(settings(3, queue(3, 1000.0, 1000)), &script).await;
+        // Four users: their first attempts go together, and three failures in a row open b2's breaker at once.
+        let submitted: Vec<_> = ["ann", "bob", "cy", "dee"].iter().map(|u| submit(&d, u, 0)).collect();
+        then_pause("b2's breaker open", || d.backend_statuses()[1].breaker == "open").await;
+        for s in submitted {
+            s.reply.await.expect("answered");
+        }
+        // Published once a second: two seconds of paused time see every worker's latest.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let [b1, b2, b3] = <[BackendStatus; 3]>::try_from(d.backend_statuses()).expect("three backends");
+
+        assert_eq!((&*b1.backend, b1.breaker, b1.pending, b1.dead_letters), ("b1:80", "closed", 0, 0));
+        assert_eq!(b1.attempts, 4);
+        assert!(b1.last_success_at.is_some() && b1.last_error.is_none(), "{b1:?}");
+
+        assert_eq!((b2.breaker, b2.pending, b2.dead_letters), ("open", 4, 0), "{b2:?}");
+        // (The oldest pending age is measured on the wall clock, which paused time does not move.)
+        assert!(b2.attempts >= 3, "{b2:?}");
+        assert!(b2.attempts_per_sec > 0.0, "{b2:?}");
+        let e = b2.last_error.expect("an error");
+        assert_eq!((e.outcome, e.status), ("connect_error", None));
+        assert!(b2.last_success_at.is_none());
+
+        // b3 refuses every write (400): four dead letters, counted by the worker and in the log's total.
+        assert_eq!((b3.breaker, b3.pending, b3.dead_letters), ("closed", 0, 4), "{b3:?}");
+        assert_eq!(b3.last_error.expect("an error").status, Some(400));
+        assert_eq!(d.dead_letter_total(Some("b3:80".into())).await.expect("total"), 4);
+        assert_eq!(d.dead_letter_total(None).await.expect("total"), 4);
+        assert_eq!(d.dead_letter_total(Some("b1:80".into())).await.expect("total"), 0);
     }
 
     /// Found by a review: a stored write that is no longer a valid request (say a method this version cannot

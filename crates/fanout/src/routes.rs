@@ -176,7 +176,8 @@ pub fn api_router(state: AppState, max_body: usize, body_timeout: Duration, list
 /// `POST /dead-letters/redrive[?backend=B]` (every backend without `backend`), `DELETE /dead-letters/{id}
 /// [?backend=B]` and `DELETE /dead-letters?backend=B` (a bulk delete must name its backend); `POST
 /// /recoveries?backend=B&since=T` (T: RFC 3339, or a duration ago such as `1h`) and `GET /recoveries`;
-/// `GET /deliveries/{id}` with every backend's address.
+/// `GET /deliveries/{id}` with every backend's address; the operator console ([`crate::console`]) under
+/// `/console`. `GET /dead-letters` answers `count` (this page's size) and `total` (every dead letter matching).
 ///
 /// The routes that change state (`POST`, `DELETE`) need `Authorization: Bearer <token>` ([`AdminToken`]):
 /// `401` without it, `403` when fanout has no token configured. The rest only reads and stays open, like
@@ -200,7 +201,8 @@ pub fn admin_router(metrics: Metrics, dispatcher: Dispatcher, token: Option<Admi
         .route("/deliveries/{id}", get(admin_delivery))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(Admin { metrics, dispatcher, token })
+        .with_state(Admin { metrics, dispatcher: dispatcher.clone(), token: token.clone() })
+        .merge(crate::console::router(dispatcher, token.is_some()))
 }
 
 #[derive(Clone)]
@@ -254,8 +256,9 @@ async fn list_dead_letters(
     let limit = q.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     // Any backend name: a backend removed from the pool keeps its dead letters (reason `backend_removed`).
     let backend = q.backend;
-    let list = admin.dispatcher.dead_letters(backend, limit).await.map_err(|_| ApiError::StoreUnavailable)?;
-    Ok(Json(json!({ "count": list.len(), "dead_letters": list })).into_response())
+    let list = admin.dispatcher.dead_letters(backend.clone(), limit).await.map_err(|_| ApiError::StoreUnavailable)?;
+    let total = admin.dispatcher.dead_letter_total(backend).await.map_err(|_| ApiError::StoreUnavailable)?;
+    Ok(Json(json!({ "count": list.len(), "total": total, "dead_letters": list })).into_response())
 }
 
 #[derive(Debug, Deserialize)]

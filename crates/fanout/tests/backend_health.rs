@@ -197,6 +197,8 @@ async fn exhausted_attempts_are_dead_letters_the_list_and_metrics_agree_and_redr
     .await;
     let list = get_json(&admin(&lb, &format!("/dead-letters?backend={label}&limit=2"))).await;
     assert_eq!(list["count"], 2, "limit applies");
+    assert_eq!(list["total"], 6, "the total is every dead letter of the backend, not the page's size");
+    assert_eq!(get_json(&admin(&lb, "/dead-letters?limit=1")).await["total"], 6, "every backend's");
     let list = get_json(&admin(&lb, &format!("/dead-letters?backend={label}"))).await;
     for dl in list["dead_letters"].as_array().expect("array") {
         assert_eq!(dl["reason"], "exhausted", "{dl}");

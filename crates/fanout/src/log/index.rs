@@ -181,13 +181,12 @@ impl Index {
 
     /// The dead letters matching `filter`, in (backend, order) order.
     pub fn matching_dead(&self, filter: &DeadFilter) -> Vec<(Arc<str>, u64)> {
-        self.dead
-            .iter()
-            .filter(|((b, _), row)| {
-                filter.backend.as_deref().is_none_or(|f| f == &**b) && filter.id.is_none_or(|id| id == row.id)
-            })
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.dead.iter().filter(|(key, row)| dead_matches(filter, key, row)).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// How many dead letters match `filter` (all of them, not a page).
+    pub fn dead_count(&self, filter: &DeadFilter) -> u64 {
+        self.dead.iter().filter(|(key, row)| dead_matches(filter, key, row)).count() as u64
     }
 
     /// Up to `limit` dead letters matching `filter`.
@@ -570,4 +569,9 @@ impl Index {
             Body::Memory(_) => None,
         })
     }
+}
+
+/// True when the dead letter `(backend, order)` with `row` matches `filter`.
+fn dead_matches(filter: &DeadFilter, (backend, _): &(Arc<str>, u64), row: &DeadRow) -> bool {
+    filter.backend.as_deref().is_none_or(|f| f == &**backend) && filter.id.is_none_or(|id| id == row.id)
 }

@@ -164,6 +164,10 @@ impl WriteLog for MemoryLog {
         Box::pin(ready(Ok(self.state().index.dead_letters(&filter, limit))))
     }
 
+    fn dead_letter_count(&self, filter: DeadFilter) -> BoxFuture<'static, Result<u64, LogError>> {
+        Box::pin(ready(Ok(self.state().index.dead_count(&filter))))
+    }
+
     fn redrive(
         &self,
         filter: DeadFilter,

@@ -165,6 +165,13 @@ pub trait WriteLog: Send + Sync + 'static {
     /// Up to `limit` dead letters matching `filter`, oldest first per backend.
     fn dead_letters(&self, filter: DeadFilter, limit: usize) -> BoxFuture<'static, Result<Vec<DeadLetter>, LogError>>;
 
+    /// How many dead letters match `filter`: the total a page of [`WriteLog::dead_letters`] is part of. The
+    /// default lists them all and counts; a store with an index overrides it with a count.
+    fn dead_letter_count(&self, filter: DeadFilter) -> BoxFuture<'static, Result<u64, LogError>> {
+        let all = self.dead_letters(filter, usize::MAX);
+        Box::pin(async move { Ok(all.await?.len() as u64) })
+    }
+
     /// Moves the dead letters matching `filter` back to their backend's queue with fresh attempts, durably; only
     /// those of backends in `pool` (a queue with no worker would keep them for good). Returns the (backend,
     /// order) of every entry moved.

@@ -4,6 +4,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod procs;
+pub mod webdriver;
 
 use std::future::Future;
 use std::net::SocketAddr;
