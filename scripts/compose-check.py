@@ -2,14 +2,15 @@
 """Writes and convergence checks for the Docker stack (scripts/compose-test.sh). Standard library only.
 
   compose-check.py writes --url URL --prefix P --count N [--change-every K] [--concurrency C] --ledger FILE
-                          [--tolerate N]
+                          [--tolerate N] [--over S]
       Registers users P-0 .. P-(N-1) through URL (nginx), then changes the password of every K-th one (after its
       register was answered, so that its two writes are in order). Appends to FILE one line per acknowledged write
       ("username version": the user's write count on a backend once it has them all; the demo backend counts
       register and changePassword alike). Acknowledged: 201 (a backend applied it) or 202 (on fanout's disk, still
       being delivered), both with an X-Delivery-Id. Exits 1 on any other answer or a transport error, or with
       --tolerate N only on more than N of them (an instance killed mid-request): a failed write ends its user's
-      writes and is written down as "username version?" (it may or may not have been taken).
+      writes and is written down as "username version?" (it may or may not have been taken). With --over S the
+      users start evenly over S seconds instead of all at once (a load that lasts, to kill something under).
 
   compose-check.py converge --ledger FILE --backend URL [--backend URL ...] [--timeout S] [--exact]
       Polls every backend's GET /users until each holds every user of the ledger at its final version and all
@@ -43,8 +44,12 @@ def post(url: str, fields: dict) -> tuple[int, str]:
 def writes(args) -> int:
     base = args.url.rstrip("/")
 
+    started = time.monotonic()
+
     def one_user(i: int) -> tuple[list[str], str | None]:
         """The user's writes, in order, up to the first unacknowledged one: (ledger lines, failure or None)."""
+        if args.over:
+            time.sleep(max(0.0, started + args.over * i / args.count - time.monotonic()))
         name = f"{args.prefix}-{i}"
         lines = []
         plan = [("register", f"pw-{i}")]
@@ -61,7 +66,6 @@ def writes(args) -> int:
             lines.append(f"{name} {version}")
         return lines, None
 
-    started = time.monotonic()
     lines, failures = [], []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         for fut in concurrent.futures.as_completed([pool.submit(one_user, i) for i in range(args.count)]):
@@ -136,6 +140,7 @@ def main() -> int:
     w.add_argument("--concurrency", type=int, default=8)
     w.add_argument("--ledger", required=True)
     w.add_argument("--tolerate", type=int, default=0)
+    w.add_argument("--over", type=float, default=0.0)
     c = sub.add_parser("converge")
     c.add_argument("--ledger", required=True)
     c.add_argument("--backend", action="append", required=True)

@@ -22,8 +22,9 @@
 #
 # Exits non-zero on the first failure, printing `docker compose ps` and the logs' tails; the stack is taken down in
 # every case (a trap), and a dockerd started here is stopped. Every wait is bounded.
-#   NGINX_HOST_PORT (80), STACK_NET (10.87.0): as for the compose file. WRITES (300), KILL_WRITES (400),
-#   CONCURRENCY (8), TOLERATE (16), PENDING_METRIC (fanout_pending_deliveries), BUILD_TIMEOUT (seconds, 2400).
+#   NGINX_HOST_PORT (80), STACK_NET (10.87.0): as for the compose file. WRITES (300), KILL_WRITES (400, started
+#   evenly over KILL_SECONDS, 12, the kills halfway), CONCURRENCY (8), TOLERATE (16), PENDING_METRIC
+#   (fanout_pending_deliveries), BUILD_TIMEOUT (seconds, 2400).
 #   COMPOSE_FILE (docker-compose.cluster.yml): Compose's own variable, for an override file after a colon.
 set -euo pipefail
 
@@ -34,6 +35,7 @@ export STACK_NET=${STACK_NET:-10.87.0}
 export COMPOSE_FILE=${COMPOSE_FILE:-docker-compose.cluster.yml}
 WRITES=${WRITES:-300}
 KILL_WRITES=${KILL_WRITES:-400}
+KILL_SECONDS=${KILL_SECONDS:-12}
 CONCURRENCY=${CONCURRENCY:-8}
 TOLERATE=${TOLERATE:-16}
 PENDING_METRIC=${PENDING_METRIC:-fanout_pending_deliveries}
@@ -110,7 +112,8 @@ grep -q -- '--store' "$work/help.txt" \
 
 step "docker compose up -d --wait (3 NATS nodes, admin token, 3 fanout instances, nginx, 3 backends)"
 stack_up=1
-TIMEOUT=360 compose up -d --no-build --wait --wait-timeout 300 || fail "docker compose up --wait"
+TIMEOUT=360 compose up -d --no-build --wait --wait-timeout 300 >"$work/up.log" 2>&1 \
+  || { tail -30 "$work/up.log"; fail "docker compose up --wait"; }
 compose ps -a --format '  {{.Service}}: {{.Status}}'
 [ "$(docker inspect -f '{{.State.ExitCode}}' "$(container_of admin-token)")" = 0 ] || fail "admin-token did not exit 0"
 tokens=$(for i in 1 2 3; do compose exec -T "fanout-$i" sha256sum /secrets/admin-token; done | awk '{print $1}' | sort -u | wc -l)
@@ -146,31 +149,34 @@ python3 scripts/compose-check.py converge --ledger "$ledger" --timeout 120 --exa
 step "any instance answers for any write: replay, conflicting replay, GET /deliveries/{id}"
 key="cluster-replay-$t0"
 form=(-H "Idempotency-Key: $key" -X POST -d "username=replay$t0" -d 'password=first')
-on fanout-2 -D "$work/h1" -o "$work/b1" "${form[@]}" http://fanout-1:8080/register >/dev/null || fail "write to fanout-1"
-on fanout-2 -D "$work/h3" -o "$work/b3" "${form[@]}" http://fanout-3:8080/register >/dev/null || fail "replay to fanout-3"
-status() { awk 'NR == 1 { print $2 }' "$1" | tr -d '\r'; }
+# Each answer whole (-i: status line, headers, body) on the host, from curl in another instance's container.
+on fanout-2 -i "${form[@]}" http://fanout-1:8080/register >"$work/r1" || fail "write to fanout-1"
+on fanout-2 -i "${form[@]}" http://fanout-3:8080/register >"$work/r3" || fail "replay to fanout-3"
+status() { awk 'NR == 1 { print $2 }' "$1"; }
+body() { awk 'seen { print } /^\r?$/ { seen = 1 }' "$1"; }
 delivery() { awk 'tolower($1) == "x-delivery-id:" { print $2 }' "$1" | tr -d '\r'; }
-echo "  fanout-1: $(status "$work/h1") $(cat "$work/b1") (delivery $(delivery "$work/h1"))"
-echo "  fanout-3, the same key: $(status "$work/h3") $(cat "$work/b3") (delivery $(delivery "$work/h3"))"
-[ "$(status "$work/h1")" = "$(status "$work/h3")" ] && cmp -s "$work/b1" "$work/b3" \
+echo "  fanout-1: $(status "$work/r1") $(body "$work/r1") (delivery $(delivery "$work/r1"))"
+echo "  fanout-3, the same key: $(status "$work/r3") $(body "$work/r3") (delivery $(delivery "$work/r3"))"
+[ "$(status "$work/r1")" = "$(status "$work/r3")" ] && [ "$(body "$work/r1")" = "$(body "$work/r3")" ] \
   || fail "the replay through fanout-3 did not get fanout-1's answer"
-code=$(on fanout-1 -o /dev/null -w '%{http_code}' -H "Idempotency-Key: $key" -X POST -d "username=replay$t0" \
-  -d 'password=other' http://fanout-2:8080/register) || fail "conflicting replay to fanout-2"
-[ "$code" = 422 ] || fail "the same key with another body answered $code on fanout-2, not 422"
-echo "  fanout-2, the same key with another body: 422"
-id=$(delivery "$work/h1")
+on fanout-1 -i -H "Idempotency-Key: $key" -X POST -d "username=replay$t0" -d 'password=other' \
+  http://fanout-2:8080/register >"$work/r2" || fail "conflicting replay to fanout-2"
+[ "$(status "$work/r2")" = 422 ] || fail "the same key with another body answered $(status "$work/r2") on fanout-2, not 422"
+echo "  fanout-2, the same key with another body: 422 $(body "$work/r2")"
+id=$(delivery "$work/r1")
 [ -n "$id" ] || fail "fanout-1's answer has no X-Delivery-Id"
-code=$(on fanout-1 -o "$work/d3" -w '%{http_code}' "http://fanout-3:8080/deliveries/$id") || fail "GET /deliveries on fanout-3"
-[ "$code" = 200 ] || fail "GET /deliveries/$id on fanout-3 answered $code: $(cat "$work/d3")"
-echo "  GET /deliveries/$id on fanout-3: 200 $(head -c 200 "$work/d3")"
+on fanout-1 -i "http://fanout-3:8080/deliveries/$id" >"$work/d3" || fail "GET /deliveries on fanout-3"
+[ "$(status "$work/d3")" = 200 ] || fail "GET /deliveries/$id on fanout-3 answered $(status "$work/d3"): $(body "$work/d3")"
+echo "  GET /deliveries/$id on fanout-3: 200 $(body "$work/d3" | head -c 200)"
 echo "replay$t0 1" >>"$ledger"
 
 step "fanout-1 and nats-2 killed for good (SIGKILL) under $CONCURRENCY clients, server3 paused meanwhile"
 compose pause server3 >/dev/null
 python3 scripts/compose-check.py writes --url "$lb" --prefix "kill$t0" --count "$KILL_WRITES" --ledger "$ledger" \
-  --concurrency "$CONCURRENCY" --tolerate "$TOLERATE" >"$work/kill-writes.out" 2>&1 &
+  --concurrency "$CONCURRENCY" --tolerate "$TOLERATE" --over "$KILL_SECONDS" >"$work/kill-writes.out" 2>&1 &
 writer=$!
-sleep 3
+sleep "$((KILL_SECONDS / 2))"
+kill -0 "$writer" 2>/dev/null || fail "the writes were over before the kills (raise KILL_SECONDS)"
 # Kept down: no restart policy brings them back, as if their hosts were gone.
 for s in fanout-1 nats-2; do
   docker update --restart=no "$(container_of "$s")" >/dev/null
