@@ -1,5 +1,5 @@
 # Entry points of the project; .ci/run calls the same targets.
-.PHONY: all build release run run-cluster reset recipes-test console-screenshot test lint fmt smoke docker-lint compose-test load-test bench bench-memory wrk-available up down logs images clean help
+.PHONY: all build release run run-cluster reset recipes-test console-screenshot test lint fmt smoke docker-lint deploy-lint compose-test compose-cluster-test load-test bench bench-memory wrk-available up down up-cluster down-cluster logs images clean help
 
 CARGO ?= cargo
 
@@ -18,8 +18,11 @@ help:
 	@echo "make bench  - fanout side by side with nginx's mirror, nginx proxying and a direct backend (BENCH_ARGS=...)"
 	@echo "make bench-memory - RSS per pending delivery with a dead backend, the in-flight bound, the drain (MEMORY_ARGS=...)"
 	@echo "make docker-lint - validates Dockerfile, compose files, nginx template, Prometheus and Grafana config"
+	@echo "make deploy-lint - validates deploy/kubernetes/ without a cluster (schemas, probes, limits, budgets, Secret, NATS values)"
 	@echo "make compose-test - docker compose up of the real images, checked end to end, then down -v (starts an engine when needed)"
+	@echo "make compose-cluster-test - the same for docker-compose.cluster.yml: 3 NATS nodes, 3 fanout instances, one of each killed"
 	@echo "make up / down / logs / images - the Docker stack (needs a Docker engine)"
+	@echo "make up-cluster / down-cluster - the scaled-out Docker stack (docker-compose.cluster.yml)"
 	@echo "make build / release / clean"
 
 build:
@@ -44,12 +47,14 @@ recipes-test:
 # The README's picture of the console (docs/console.png): the browser test takes it with its staged outage.
 console-screenshot:
 	@./scripts/ensure-chromium.sh >/dev/null
+	@./scripts/ensure-nats.sh >/dev/null
 	CONSOLE_SCREENSHOT=$(CURDIR)/docs/console.png $(CARGO) test -p fanout --test console
 
 # The end-to-end tests need nginx and the demo-backend binary beside fanout's; the console's, chromium.
 test:
 	@./scripts/ensure-nginx.sh >/dev/null
 	@./scripts/ensure-chromium.sh >/dev/null
+	@./scripts/ensure-nats.sh >/dev/null
 	$(CARGO) build --workspace --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
@@ -70,9 +75,17 @@ smoke:
 docker-lint:
 	./scripts/validate-docker.sh
 
+# deploy/kubernetes/ checked offline: kubernetes-validate (PyPI, in .venv) and scripts/check-deploy.py.
+deploy-lint:
+	./scripts/validate-deploy.sh
+
 # The Docker path run for real: see scripts/compose-test.sh (WRITES, LOCUST_* and the compose file's variables).
 compose-test:
 	./scripts/compose-test.sh
+
+# The scaled-out Docker stack run for real: see scripts/compose-cluster-test.sh (needs fanout with --store).
+compose-cluster-test:
+	./scripts/compose-cluster-test.sh
 
 # USERS, SPAWN_RATE, DURATION, SKIP_SOME_REQUESTS: see scripts/load-test.sh.
 load-test:
@@ -104,6 +117,13 @@ down:
 
 logs:
 	$(COMPOSE) $(PROFILE_ARGS) logs -f --tail=100
+
+# Three NATS nodes, three fanout instances on the NATS store, nginx over the three (docker-compose.cluster.yml).
+up-cluster:
+	$(COMPOSE) -f docker-compose.cluster.yml up -d --build --wait
+
+down-cluster:
+	$(COMPOSE) -f docker-compose.cluster.yml down
 
 images:
 	$(COMPOSE) build

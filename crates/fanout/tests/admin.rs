@@ -114,6 +114,8 @@ async fn without_a_configured_token_admin_actions_are_refused_and_reads_stay_ope
     // Reads stay open on the private port: metrics, health, the list, a delivery with its backends named.
     assert_eq!(reqwest::get(admin(&lb, "/metrics")).await.expect("get").status(), StatusCode::OK);
     assert_eq!(reqwest::get(admin(&lb, "/healthz")).await.expect("get").status(), StatusCode::OK);
+    // Readiness on the private port too, for probes that reach only it (compose, Kubernetes).
+    assert_eq!(reqwest::get(admin(&lb, "/readyz")).await.expect("get").status(), StatusCode::OK);
     let full: Value =
         reqwest::get(admin(&lb, &format!("/deliveries/{id}"))).await.expect("get").json().await.expect("json");
     assert_eq!(full["backends"][1]["backend"], pool[1].label().as_str(), "{full}");
