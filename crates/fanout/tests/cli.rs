@@ -39,6 +39,20 @@ fn bad_configuration_exits_2_with_one_line_naming_the_flag_before_binding() {
         ),
         (&["--backends", "a:1"], &[("PROBE_INTERVAL_MAX", "0s")], "--probe-interval-max (PROBE_INTERVAL_MAX)"),
         (&["--backends", "a:1"], &[("BREAKER_FAILURE_RATE", "2")], "--breaker-failure-rate (BREAKER_FAILURE_RATE)"),
+        (
+            &["--backends", "a:1"],
+            &[("STORE", "http://n1:4222")],
+            "--store (STORE): \"http://n1:4222\" is not a nats://",
+        ),
+        (
+            &["--backends", "a:1", "--store", "nats://n1"],
+            &[],
+            "--store (STORE): \"nats://n1\" must be nats://host:port",
+        ),
+        (&["--backends", "a:1"], &[("STORE", "nats://u:p@n1:4222")], "must be nats://host:port, without user"),
+        (&["--backends", "a:1"], &[("PARTITIONS", "0")], "--partitions (PARTITIONS) must be between 1 and 1024"),
+        (&["--backends", "a:1"], &[("STORE_REPLICAS", "7")], "--store-replicas (STORE_REPLICAS)"),
+        (&["--backends", "a:1"], &[("INSTANCE", "a.b")], "--instance (INSTANCE)"),
     ];
     for (args, env, needle) in cases {
         let mut all = vec!["--listen", listen.as_str(), "--metrics-port", "0"];

@@ -422,3 +422,163 @@ async fn a_backend_refusing_every_write_is_probed_not_hammered_and_catches_up() 
     .await;
     drained(&c, &nats, 3 * PARTITIONS.parse::<usize>().unwrap()).await;
 }
+
+/// Runs `fanout` on `store` until it exits (it must refuse to start); returns its stderr.
+fn refused(store: &str, extra: &[&str]) -> String {
+    let mut args =
+        vec!["--listen", "127.0.0.1:0", "--metrics-port", "0", "--backends", "127.0.0.1:1", "--store", store];
+    args.extend_from_slice(extra);
+    let out = std::process::Command::new(procs::fanout_bin()).args(&args).env_clear().output().expect("run fanout");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_refuses_to_start_with_one_line_naming_the_flag() {
+    // Nothing listens there.
+    let nobody = format!("nats://127.0.0.1:{}", procs::free_port());
+    let stderr = refused(&nobody, &[]);
+    assert!(stderr.starts_with("fanout: --store (STORE): cannot reach"), "{stderr}");
+
+    // A server without JetStream.
+    let port = procs::free_port().to_string();
+    let mut plain = procs::spawn("nats-plain", &procs::nats_server_bin(), &["-a", "127.0.0.1", "-p", &port], &[]);
+    plain.wait_for_line("Server is ready", Duration::from_secs(20));
+    let stderr = refused(&format!("nats://127.0.0.1:{port}"), &[]);
+    assert!(stderr.contains("--store (STORE): JetStream is not available"), "{stderr}");
+
+    // Streams made for another partition count.
+    let nats = procs::nats_cluster(1);
+    let pool = [backend("server1", false).addr];
+    let _first = instance("pa", &pool, &nats, 1, &[]);
+    let stderr = refused(&nats[0].url, &["--partitions", "8"]);
+    assert!(stderr.contains(&format!("--partitions (PARTITIONS) must be {PARTITIONS}")), "{stderr}");
+}
+
+async fn admin_call(c: &reqwest::Client, method: reqwest::Method, url: String) -> serde_json::Value {
+    let r = c.request(method, url).bearer_auth(ADMIN_TOKEN).send().await.expect("admin call");
+    assert!(r.status().is_success(), "{}", r.status());
+    r.json().await.expect("admin json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_redriven_and_deleted_from_any_instance() {
+    let nats = procs::nats_cluster(1);
+    let backends = [backend("server1", false), backend("server2", false), backend("server3", false)];
+    let pool: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let quick =
+        ["--max-attempts", "3", "--breaker-failures", "0", "--initial-backoff", "10ms", "--max-backoff", "40ms"];
+    let a = instance("da", &pool, &nats, 1, &quick);
+    let b = instance("db", &pool, &nats, 1, &quick);
+    let c = client();
+    let refusing = &backends[2];
+    control(&c, refusing, "/flaky?share=1").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = c
+            .post(format!("http://{}/register", a.api))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("username=dead{i}&password=p"))
+            .send()
+            .await
+            .expect("write");
+        assert_eq!(r.status(), 201);
+        ids.push(r.headers()["x-delivery-id"].to_str().unwrap().to_owned());
+    }
+    // Listed by the instance that did not take them.
+    let list_url = format!("http://{}/dead-letters?backend={}", b.metrics, refusing.addr);
+    eventually(Duration::from_secs(60), "three dead letters", || {
+        let (c, url) = (c.clone(), list_url.clone());
+        async move {
+            let v: serde_json::Value = c.get(url).send().await.unwrap().json().await.unwrap();
+            v["total"] == 3 && v["count"] == 3
+        }
+    })
+    .await;
+    control(&c, refusing, "/up").await;
+
+    // Redriven through one instance, deleted through the other.
+    let redriven = admin_call(
+        &c,
+        reqwest::Method::POST,
+        format!("http://{}/dead-letters/{}/redrive?backend={}", b.metrics, ids[0], refusing.addr),
+    )
+    .await;
+    assert_eq!(redriven["redriven"], 1);
+    let discarded = admin_call(
+        &c,
+        reqwest::Method::DELETE,
+        format!("http://{}/dead-letters/{}?backend={}", a.metrics, ids[1], refusing.addr),
+    )
+    .await;
+    assert_eq!(discarded["discarded"], 1);
+    eventually(Duration::from_secs(60), "the redriven write delivered", || {
+        let c = c.clone();
+        async move { users(&c, refusing).await.users.iter().any(|u| u.username == "dead0") }
+    })
+    .await;
+    let names: Vec<String> = users(&c, refusing).await.users.into_iter().map(|u| u.username).collect();
+    assert_eq!(names, ["dead0"], "the deleted one and the one left are not there");
+    let v: serde_json::Value = c.get(&list_url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["total"], 1, "{v}");
+    assert_eq!(v["dead_letters"][0]["delivery_id"], ids[2], "{v}");
+    // Each one's part, as any instance shows it.
+    for (id, state) in [(&ids[0], "delivered"), (&ids[1], "discarded"), (&ids[2], "dead_letter")] {
+        let view: serde_json::Value =
+            c.get(format!("http://{}/deliveries/{id}", a.metrics)).send().await.unwrap().json().await.unwrap();
+        let part = view["backends"].as_array().unwrap().iter().find(|p| p["backend"] == refusing.addr.to_string());
+        assert_eq!(part.map(|p| p["state"].clone()), Some(serde_json::json!(state)), "{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_lost_its_state_is_recovered_from_the_stream() {
+    let nats = procs::nats_cluster(1);
+    let backends = [backend("server1", false), backend("server2", false), backend("server3", false)];
+    let pool: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let a = instance("ca", &pool, &nats, 1, &[]);
+    let b = instance("cb", &pool, &nats, 1, &[]);
+    let c = client();
+    for i in 0..20 {
+        let api = if i % 2 == 0 { a.api } else { b.api };
+        for (route, pw) in [("register", "one"), ("changePassword", "two")] {
+            let r = c
+                .post(format!("http://{api}/{route}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("username=rec{i}&password={pw}"))
+                .send()
+                .await
+                .expect("write");
+            assert_eq!(r.status(), 201);
+        }
+    }
+    let lost = &backends[2];
+    eventually(Duration::from_secs(60), "every backend has the users", || {
+        let c = c.clone();
+        async move { users(&c, lost).await.users.iter().filter(|u| u.version == 2).count() == 20 }
+    })
+    .await;
+    assert_eq!(control(&c, lost, "/wipe").await.users, 0);
+
+    let status = admin_call(
+        &c,
+        reqwest::Method::POST,
+        format!("http://{}/recoveries?backend={}&since=1h", b.metrics, lost.addr),
+    )
+    .await;
+    assert_eq!(status["backend"], lost.addr.to_string(), "{status}");
+    eventually(Duration::from_secs(60), "the backend recovered", || {
+        let c = c.clone();
+        async move { users(&c, lost).await.users.iter().filter(|u| u.version == 2).count() == 20 }
+    })
+    .await;
+    // In order: each user's last password is the second one.
+    for i in 0..20 {
+        let url = format!("http://{}/login?username=rec{i}&password=two", lost.addr);
+        assert!(c.get(url).send().await.unwrap().status().is_success(), "rec{i} holds its last password");
+    }
+    let others = users(&c, &backends[0]).await;
+    assert!(others.users.iter().all(|u| u.version == 2), "the other backends got nothing twice");
+}

@@ -22,9 +22,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber: stderr, `RUST_LOG` filter (default `info`), in `format`.
+/// Installs the global subscriber: stderr, `RUST_LOG` filter (default `info`, with the NATS client's own
+/// connection chatter at `warn`: fanout logs what matters of it in its own words), in `format`.
 pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -807,9 +807,7 @@ impl Cluster {
                 only: Some(dead.backend.clone()),
                 write: dead.write.write,
             };
-            let payload = Bytes::from(postcard::to_stdvec(&write)?);
-            self.publish_patiently(format!("fanout.writes.{p}"), format!("{:032x}.r{seq}", write.id), payload).await?;
-            self.dead.delete_message(seq).await.map_err(|e| nats_error("deleting a redriven dead letter", e))?;
+            // Its part first: once published, the write may be delivered (and its part say so) at once.
             let part = Part {
                 state: PartState::Pending,
                 attempts: 0,
@@ -819,6 +817,9 @@ impl Cluster {
                 next_attempt_ms: None,
             };
             self.put_part(write.id, &backend_hash(&dead.backend), &part).await;
+            let payload = Bytes::from(postcard::to_stdvec(&write)?);
+            self.publish_patiently(format!("fanout.writes.{p}"), format!("{:032x}.r{seq}", write.id), payload).await?;
+            self.dead.delete_message(seq).await.map_err(|e| nats_error("deleting a redriven dead letter", e))?;
             moved.push((dead.backend, seq));
         }
         Ok(moved)

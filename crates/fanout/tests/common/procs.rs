@@ -88,6 +88,13 @@ impl Proc {
 
     /// Waits up to `within` for a stderr line holding `text` (for programs that do not log JSON).
     pub fn wait_for_line(&mut self, text: &str, within: Duration) {
+        if !self.saw_line(text, within) {
+            panic!("{}: no line with {text:?} within {within:?}; saw:\n{}", self.name, self.seen.join("\n"));
+        }
+    }
+
+    /// Like [`Proc::wait_for_line`], false when the line did not come (the process exited, or the time is up).
+    pub fn saw_line(&mut self, text: &str, within: Duration) -> bool {
         let deadline = std::time::SystemTime::now() + within;
         loop {
             let left = deadline.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO);
@@ -96,12 +103,10 @@ impl Proc {
                     let found = line.contains(text);
                     self.seen.push(line);
                     if found {
-                        return;
+                        return true;
                     }
                 }
-                Err(_) => {
-                    panic!("{}: no line with {text:?} within {within:?}; saw:\n{}", self.name, self.seen.join("\n"))
-                }
+                Err(_) => return false,
             }
         }
     }
@@ -264,8 +269,19 @@ pub struct NatsNode {
 }
 
 /// `n` nats-server processes with JetStream, clustered over loopback routes (one is a cluster of one), each
-/// with its own store directory; returns once every node has seen a JetStream metadata leader elected.
+/// with its own store directory; returns once every node has seen a JetStream metadata leader elected. Tries
+/// again on other ports when a port was taken between choosing it and binding it (tests run side by side).
 pub fn nats_cluster(n: usize) -> Vec<NatsNode> {
+    for attempt in 0..5 {
+        if let Some(nodes) = try_nats_cluster(n) {
+            return nodes;
+        }
+        eprintln!("nats cluster start {attempt} failed (a port taken?); trying other ports");
+    }
+    panic!("a nats cluster of {n} could not start after 5 tries");
+}
+
+fn try_nats_cluster(n: usize) -> Option<Vec<NatsNode>> {
     let bin = nats_server_bin();
     let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -286,17 +302,20 @@ pub fn nats_cluster(n: usize) -> Vec<NatsNode> {
             args.extend_from_slice(&["--cluster_name", "fanout-test", "--cluster", &cluster, "--routes", &routes]);
         }
         let mut proc = spawn(&format!("nats-{i}"), &bin, &args, &[]);
-        proc.graceful_stop = false;
-        proc.wait_for_line("Server is ready", START);
+        let dir = Prefix(dir);
+        if !proc.saw_line("Server is ready", START) {
+            eprintln!("{} did not start:\n{}", proc.name, proc.seen.join("\n"));
+            return None;
+        }
         let monitor = format!("127.0.0.1:{monitor}").parse().expect("addr");
-        nodes.push(NatsNode { proc, url: format!("nats://127.0.0.1:{port}"), monitor, name, _dir: Prefix(dir) });
+        nodes.push(NatsNode { proc, url: format!("nats://127.0.0.1:{port}"), monitor, name, _dir: dir });
     }
     if n > 1 {
         for node in &mut nodes {
             node.proc.wait_for_line("metadata leader", Duration::from_secs(60));
         }
     }
-    nodes
+    Some(nodes)
 }
 
 /// A private nginx prefix directory, removed on drop.
