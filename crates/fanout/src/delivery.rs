@@ -507,18 +507,17 @@ impl Dispatcher {
     pub async fn dead_letter_total(&self, backend: Option<String>) -> Result<u64, LogError> {
         match &self.inner {
             Inner::Local(shared) => shared.log.dead_letter_count(DeadFilter { backend, id: None }).await,
-            // The dead-letter stream is read through: a count costs a scan there.
-            Inner::Nats(cluster) => Ok(cluster.dead_letters(backend, usize::MAX).await?.len() as u64),
+            Inner::Nats(cluster) => cluster.dead_letter_total(backend).await,
         }
     }
 
-    /// Every backend's state in pool order, as its worker last published it (at most about a second old; see
-    /// [`BackendStatus`]). Empty with the NATS store, whose workers are per backend and partition across every
-    /// instance: no one process holds a backend's breaker or queue.
+    /// Every backend's state in pool order: as its worker last published it (at most about a second old; see
+    /// [`BackendStatus`]), or with the NATS store as this instance sees it (its own breaker and attempts; the
+    /// lag and dead letters of the shared store, read every 2 s).
     pub fn backend_statuses(&self) -> Vec<BackendStatus> {
         match &self.inner {
             Inner::Local(shared) => crate::lock(&shared.statuses).iter().map(|rx| rx.borrow().clone()).collect(),
-            Inner::Nats(_) => Vec::new(),
+            Inner::Nats(cluster) => cluster.backend_statuses(),
         }
     }
 

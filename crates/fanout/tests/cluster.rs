@@ -401,6 +401,13 @@ async fn a_backend_refusing_every_write_is_probed_not_hammered_and_catches_up() 
         })
         .await;
     }
+    // The console's state shows it too: this instance's breaker open, the store's lag behind it.
+    let state: serde_json::Value =
+        c.get(format!("http://{}/console/api/state", instances[0].metrics)).send().await.unwrap().json().await.unwrap();
+    let shown = &state["backends"][2];
+    assert_eq!(shown["backend"], down.addr.to_string(), "{state}");
+    assert_ne!(shown["breaker"], "closed", "{state}");
+    assert!(shown["attempts"].as_u64().unwrap_or(0) > 0, "{state}");
     let received = control(&c, down, "/").await.writes_received;
     let elapsed = started.elapsed();
     // Per instance: until its breaker opens, at most --breaker-min-requests (5) attempts plus one per partition on

@@ -20,6 +20,7 @@
 //! consumers are not touched. Redriven writes carry `only` (the one backend that takes them); the others ack
 //! them unseen.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,10 +34,10 @@ use tokio::time::Instant;
 use super::{Cluster, DeadMsg, OutcomeMsg, Part, PartState, WriteMsg, backend_hash, consumer_name};
 use crate::attempt::Transport;
 use crate::backend::{BackendAddr, Outcome};
-use crate::breaker::{Breaker, Change, Failure, Trip};
+use crate::breaker::{Breaker, Change, Failure, State, Trip};
 use crate::log::{DeadRow, LogError, StoredDelivery, now_ms, rfc3339_ms};
 use crate::metrics::{BackendMetrics, DeadLetterReason};
-use crate::queue::RecoveryStatus;
+use crate::queue::{BackendStatus, LastError, RecoveryStatus};
 use crate::ratelog::Every;
 
 /// How long one pull waits for a write before asking again.
@@ -61,8 +62,24 @@ pub struct RecoveryRun {
     history_from: Option<u64>,
 }
 
+/// What this instance's workers did on one backend lately, for the console ([`status`]).
+#[derive(Default)]
+struct Activity {
+    attempts: u64,
+    in_flight: usize,
+    last_error: Option<LastError>,
+    last_success_ms: Option<u64>,
+    /// (when, attempts by then), at most one per [`STATUS_MARK`], over the last [`RATE_WINDOW`].
+    marks: VecDeque<(Instant, u64)>,
+}
+
+/// The window of [`BackendStatus::attempts_per_sec`].
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How often a mark of the attempt count is kept for the rate.
+const STATUS_MARK: Duration = Duration::from_secs(1);
+
 /// One backend's workers on this instance: its breaker, shared by its partition tasks.
-struct Backend {
+pub(crate) struct Backend {
     cluster: Arc<Cluster>,
     addr: BackendAddr,
     label: Arc<str>,
@@ -72,6 +89,45 @@ struct Backend {
     breaker: Mutex<Breaker>,
     /// Bumped on every breaker change, so that waiting tasks look again.
     changed: watch::Sender<u64>,
+    activity: Mutex<Activity>,
+}
+
+impl Backend {
+    /// This backend as the console shows it: this instance's breaker, attempts and last error; the lag and the
+    /// dead letters (`pending`, `dead_letters`) are the store's, as of the last read ([`super::Cluster`] reads
+    /// them every 2 s). The oldest pending write's age is not known here (0).
+    pub(crate) fn status(&self, pending: u64, dead_letters: u64) -> BackendStatus {
+        let now = Instant::now();
+        let breaker = match crate::lock(&self.breaker).state() {
+            State::Closed { .. } => "closed",
+            State::Open { .. } => "open",
+            State::HalfOpen { .. } => "half_open",
+        };
+        let mut a = crate::lock(&self.activity);
+        while a.marks.front().is_some_and(|(at, _)| now.saturating_duration_since(*at) > RATE_WINDOW) {
+            a.marks.pop_front();
+        }
+        if a.marks.back().is_none_or(|(at, _)| now.saturating_duration_since(*at) >= STATUS_MARK) {
+            let attempts = a.attempts;
+            a.marks.push_back((now, attempts));
+        }
+        let rate = match a.marks.front() {
+            Some(&(since, base)) if now > since => (a.attempts - base) as f64 / (now - since).as_secs_f64(),
+            _ => 0.0,
+        };
+        BackendStatus {
+            backend: self.label.clone(),
+            breaker,
+            pending,
+            in_flight: a.in_flight,
+            dead_letters,
+            oldest_pending_seconds: 0.0,
+            attempts_per_sec: (rate * 10.0).round() / 10.0,
+            attempts: a.attempts,
+            last_error: a.last_error.clone(),
+            last_success_at: a.last_success_ms.map(rfc3339_ms),
+        }
+    }
 }
 
 /// The pull consumer settings of backend `label`'s partition `p`, handing out writes from `deliver_policy` on.
@@ -96,9 +152,10 @@ pub(crate) fn consumer_config(
     }
 }
 
-/// Starts this instance's partition tasks for every backend.
-pub(crate) fn start(cluster: &Arc<Cluster>, transport: Arc<dyn Transport>) -> Vec<JoinHandle<()>> {
+/// Starts this instance's partition tasks for every backend; returns them and the backends' handles (pool order).
+pub(crate) fn start(cluster: &Arc<Cluster>, transport: Arc<dyn Transport>) -> (Vec<JoinHandle<()>>, Vec<Arc<Backend>>) {
     let mut tasks = Vec::new();
+    let mut backends = Vec::new();
     for (i, addr) in cluster.dispatch.pool.iter().enumerate() {
         let backend = Arc::new(Backend {
             cluster: cluster.clone(),
@@ -109,13 +166,15 @@ pub(crate) fn start(cluster: &Arc<Cluster>, transport: Arc<dyn Transport>) -> Ve
             transport: transport.clone(),
             breaker: Mutex::new(Breaker::new(cluster.dispatch.queue.breaker(cluster.dispatch.backoff))),
             changed: watch::channel(0).0,
+            activity: Mutex::new(Activity::default()),
         });
+        backends.push(backend.clone());
         backend.metrics.breaker_state().set(0.0);
         for p in 0..cluster.settings.partitions {
             tasks.push(tokio::spawn(backend.clone().run(p, cluster.stop.subscribe())));
         }
     }
-    tasks
+    (tasks, backends)
 }
 
 impl Backend {
@@ -303,9 +362,24 @@ impl Backend {
             return self.after_unsent(probe);
         };
         let started = Instant::now();
+        crate::lock(&self.activity).in_flight += 1;
         let result = self.transport.send(&self.addr, Arc::new(request)).await;
         let now = Instant::now();
         self.metrics.attempt(result.outcome, now - started);
+        {
+            let mut a = crate::lock(&self.activity);
+            a.in_flight -= 1;
+            a.attempts += 1;
+            if result.outcome == Outcome::Success {
+                a.last_success_ms = Some(now_ms());
+            } else {
+                a.last_error = Some(LastError {
+                    outcome: result.outcome.as_str(),
+                    status: result.answer.as_ref().map(|x| x.status.as_u16()),
+                    at: rfc3339_ms(now_ms()),
+                });
+            }
+        }
         let status = result.answer.as_ref().map(|a| a.status.as_u16());
         let hash = &self.hash;
         match result.outcome {

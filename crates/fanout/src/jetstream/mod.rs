@@ -290,6 +290,10 @@ pub struct Cluster {
     answer_now: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     background: Mutex<Vec<JoinHandle<()>>>,
+    /// This instance's workers per backend, in pool order.
+    backends: Mutex<Vec<Arc<deliver::Backend>>>,
+    /// Per backend in pool order, as last read from the store: (consumer lag, dead letters).
+    counts: Mutex<Vec<(u64, u64)>>,
     /// Writes not finished on the backend furthest behind (consumer lag, refreshed every [`STATS_INTERVAL`]).
     lag: AtomicU64,
     history: Mutex<HistoryStats>,
@@ -423,11 +427,15 @@ impl Cluster {
             answer_now: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
             background: Mutex::new(Vec::new()),
+            backends: Mutex::new(Vec::new()),
+            counts: Mutex::new(Vec::new()),
             lag: AtomicU64::new(0),
             history: Mutex::new(HistoryStats::default()),
             recoveries: Mutex::new(HashMap::new()),
         });
-        *crate::lock(&cluster.tasks) = deliver::start(&cluster, transport);
+        let (tasks, backends) = deliver::start(&cluster, transport);
+        *crate::lock(&cluster.tasks) = tasks;
+        *crate::lock(&cluster.backends) = backends;
         // These two end with the instance: stopped at the end of `close`, not waited for.
         *crate::lock(&cluster.background) =
             vec![tokio::spawn(cluster.clone().receive_outcomes(outcomes)), tokio::spawn(cluster.clone().keep_stats())];
@@ -861,6 +869,43 @@ impl Cluster {
         deliver::recoveries(self).await
     }
 
+    /// Every backend as this instance sees it, in pool order (see [`deliver::Backend::status`]).
+    pub fn backend_statuses(&self) -> Vec<crate::queue::BackendStatus> {
+        let counts = crate::lock(&self.counts).clone();
+        crate::lock(&self.backends)
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let (pending, dead) = counts.get(i).copied().unwrap_or_default();
+                b.status(pending, dead)
+            })
+            .collect()
+    }
+
+    /// How many dead letters there are, of one backend or all (one request: the stream's count per subject).
+    ///
+    /// # Errors
+    /// When the dead-letter stream cannot be read.
+    pub async fn dead_letter_total(&self, backend: Option<String>) -> Result<u64, LogError> {
+        let filter = match &backend {
+            Some(b) => format!("fanout.dead.{}", backend_hash(b)),
+            None => "fanout.dead.>".to_owned(),
+        };
+        let mut subjects = self
+            .dead
+            .info_builder()
+            .subjects(filter)
+            .fetch()
+            .await
+            .map_err(|e| nats_error("counting dead letters", e))?;
+        let mut total = 0u64;
+        while let Some(entry) = subjects.next().await {
+            let (_, n) = entry.map_err(|e| nats_error("counting dead letters", e))?;
+            total += n as u64;
+        }
+        Ok(total)
+    }
+
     /// What the writes stream holds.
     pub fn history(&self) -> HistoryStats {
         *crate::lock(&self.history)
@@ -943,22 +988,26 @@ impl Cluster {
             }
         }
         let mut lag = 0;
+        let mut counts = Vec::with_capacity(self.hashes.len());
         for (m, hash) in self.backend_metrics.iter().zip(&self.hashes) {
             let n = per_backend.get(hash.as_str()).copied().unwrap_or(0);
             m.pending().set(n as f64);
             lag = lag.max(n);
+            counts.push((n, 0));
         }
         self.lag.store(lag, Ordering::Relaxed);
         if let Ok(mut subjects) = self.dead.info_builder().subjects("fanout.dead.>").fetch().await {
-            let mut counts: HashMap<String, usize> = HashMap::new();
+            let mut dead: HashMap<String, usize> = HashMap::new();
             while let Some(Ok((subject, n))) = subjects.next().await {
-                counts.insert(subject, n);
+                dead.insert(subject, n);
             }
-            for (m, hash) in self.backend_metrics.iter().zip(&self.hashes) {
-                let n = counts.get(&format!("fanout.dead.{hash}")).copied().unwrap_or(0);
+            for (i, (m, hash)) in self.backend_metrics.iter().zip(&self.hashes).enumerate() {
+                let n = dead.get(&format!("fanout.dead.{hash}")).copied().unwrap_or(0);
                 m.dead_letters().set(n as f64);
+                counts[i].1 = n as u64;
             }
         }
+        *crate::lock(&self.counts) = counts;
         if let Ok(info) = self.writes.get_info().await {
             let oldest_ms = (info.state.messages > 0)
                 .then(|| u64::try_from(info.state.first_timestamp.unix_timestamp_nanos() / 1_000_000).unwrap_or(0));
