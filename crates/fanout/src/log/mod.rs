@@ -4,8 +4,8 @@
 //! per-backend entries; the queue workers read their backend's pending entries in order and settle them
 //! (delivered, a dead letter, or due again); the admin routes list, redrive and discard dead letters and show a
 //! delivery; the replay cache stores its client idempotency records there. Nothing else in the crate knows how
-//! the log is kept, so another implementation (a distributed log) plugs in here without touching the workers or
-//! the routes.
+//! the log is kept. It serves one process's queue workers; the NATS JetStream store, whose queues are consumers
+//! shared by every instance, sits one level up behind the dispatcher ([`crate::jetstream`]).
 //!
 //! # Implementations
 //! - [`disk::DiskLog`]: append-only segment files in `DATA_DIR/log/` with group commit ([`segments`]) and an
