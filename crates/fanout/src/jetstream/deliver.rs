@@ -322,7 +322,7 @@ impl Backend {
     /// Attempts one write handed out by the consumer, and settles it.
     async fn handle(&self, msg: Message, probe: bool) {
         let cluster = &self.cluster;
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let (seq, delivered) = msg.info().map_or((0, 0), |i| (i.stream_sequence, i.delivered));
         let write = match postcard::from_bytes::<WriteMsg>(&msg.payload) {
             Ok(w) => w,
             Err(e) => {
@@ -356,6 +356,8 @@ impl Backend {
                 return;
             }
         }
+        // Handed out for the first time, and not a redrive (which has a part of its own).
+        let first = delivered == 1 && write.only.is_none();
         let Some(request) = record.to_request() else {
             tracing::error!(seq, "a stored write is not valid HTTP any more: skipped");
             let _ = msg.ack_with(AckKind::Term).await;
@@ -386,7 +388,7 @@ impl Backend {
             Outcome::Success | Outcome::Rejected => {
                 let change = crate::lock(&self.breaker).answered(probe, now);
                 self.breaker_changed(change);
-                let prior = self.prior_attempts(write.id).await;
+                let prior = self.prior_attempts(write.id, first).await;
                 let attempts = prior + 1;
                 if result.outcome == Outcome::Success {
                     if let Err(e) = msg.double_ack().await {
@@ -394,15 +396,19 @@ impl Backend {
                         // backend ignore it.
                         tracing::debug!(error = %e, "an ack was not confirmed");
                     }
-                    let part = Part {
-                        state: PartState::Delivered,
-                        attempts,
-                        status,
-                        outcome: Some(Outcome::Success.as_str().to_owned()),
-                        reason: None,
-                        next_attempt_ms: None,
-                    };
-                    cluster.put_part(write.id, hash, &part).await;
+                    // A first attempt that delivered leaves no part: the consumer's ack floor says it (see
+                    // `Cluster::lookup`), which saves a replicated write per backend per write.
+                    if !first {
+                        let part = Part {
+                            state: PartState::Delivered,
+                            attempts,
+                            status,
+                            outcome: Some(Outcome::Success.as_str().to_owned()),
+                            reason: None,
+                            next_attempt_ms: None,
+                        };
+                        cluster.put_part(write.id, hash, &part).await;
+                    }
                     self.tell_origin(&write, true, attempts, None, result.answer);
                 } else {
                     self.dead_letter(
@@ -427,7 +433,7 @@ impl Backend {
                 self.breaker_changed(change);
                 // A failure that opened the breaker, or came while it was open, was the backend's, not the write's.
                 let counted = closed_before && !probe && !matches!(change, Change::Opened(_));
-                let prior = self.prior_attempts(write.id).await;
+                let prior = self.prior_attempts(write.id, first).await;
                 let attempts = if counted { prior + 1 } else { prior };
                 if counted && attempts >= cluster.dispatch.max_attempts {
                     self.dead_letter(msg, write, attempts, DeadLetterReason::Exhausted, outcome, result.answer).await;
@@ -468,8 +474,12 @@ impl Backend {
         }
     }
 
-    /// Attempts made so far on this backend, from the delivery's part (any instance may have made them).
-    async fn prior_attempts(&self, id: u128) -> u32 {
+    /// Attempts made so far on this backend, from the delivery's part (any instance may have made them); none
+    /// on the write's `first` delivery (nothing was attempted, and no part read).
+    async fn prior_attempts(&self, id: u128, first: bool) -> u32 {
+        if first {
+            return 0;
+        }
         match self.cluster.deliveries.get(format!("{id:032x}.{}", self.hash)).await {
             Ok(Some(bytes)) => postcard::from_bytes::<Part>(&bytes)
                 .ok()

@@ -182,6 +182,9 @@ pub(crate) enum PartState {
 struct Accepted {
     at_ms: u64,
     backends: Vec<String>,
+    /// Where the write is in the stream: a backend whose consumer of `partition` has acked past `seq` has it.
+    seq: u64,
+    partition: u32,
 }
 
 /// An idempotency record in `fanout-keys`: the record, and whether its write is stored.
@@ -505,7 +508,7 @@ impl Cluster {
 
     async fn publish(self: Arc<Self>, id: u128, record: StoredDelivery, idempotency: Option<(String, KeyRecord)>) {
         let p = partition(record.ordering_key.as_deref(), id, self.settings.partitions);
-        let accepted = Accepted { at_ms: record.accepted_at_ms, backends: record.backends.clone() };
+        let (at_ms, backends) = (record.accepted_at_ms, record.backends.clone());
         let result = async {
             let write = WriteMsg {
                 id,
@@ -518,10 +521,11 @@ impl Cluster {
         }
         .await;
         match result {
-            Ok(()) => {
+            Ok(seq) => {
                 if let Some((key, record)) = idempotency {
                     self.put_key(&key, KeyEntry { record, stored: true }).await;
                 }
+                let accepted = Accepted { at_ms, backends, seq, partition: p };
                 if let Ok(value) = postcard::to_stdvec(&accepted) {
                     let _ = self.deliveries.put(format!("{id:032x}.a"), value.into()).await;
                 }
@@ -540,13 +544,14 @@ impl Cluster {
     /// Publishes to a stream and waits for the servers' acknowledgement, trying again for up to
     /// [`PUBLISH_PATIENCE`] when the stream cannot take it now (a server lost, a stream leader being elected, a
     /// reconnect): a client waits a few seconds through a failover rather than getting `503`. The message id
-    /// makes the stream store it once however many tries reach it (its duplicate window is 2 minutes).
+    /// makes the stream store it once however many tries reach it (its duplicate window is 2 minutes). Returns
+    /// the stream sequence it got.
     pub(crate) async fn publish_patiently(
         &self,
         subject: String,
         msg_id: String,
         payload: Bytes,
-    ) -> Result<(), LogError> {
+    ) -> Result<u64, LogError> {
         let deadline = tokio::time::Instant::now() + PUBLISH_PATIENCE;
         let mut wait = Duration::from_millis(50);
         loop {
@@ -562,7 +567,7 @@ impl Cluster {
             }
             .await;
             match tried {
-                Ok(_) => return Ok(()),
+                Ok(ack) => return Ok(ack.sequence),
                 Err(e) if tokio::time::Instant::now() + wait >= deadline => return Err(e),
                 Err(_) => {
                     tokio::time::sleep(wait).await;
@@ -715,6 +720,18 @@ impl Cluster {
                 Some(bytes) => Some(postcard::from_bytes::<Part>(&bytes)?),
                 None => None,
             };
+            // No part: the write went through on its first attempt (only then is none written), or it waits.
+            let part = match part {
+                None if self.acked(&label, accepted.partition, accepted.seq).await? => Some(Part {
+                    state: PartState::Delivered,
+                    attempts: 1,
+                    status: Some(201),
+                    outcome: Some(crate::backend::Outcome::Success.as_str().to_owned()),
+                    reason: None,
+                    next_attempt_ms: None,
+                }),
+                part => part,
+            };
             backends.push(match part {
                 None => BackendView {
                     backend: label,
@@ -743,6 +760,14 @@ impl Cluster {
         }
         let view = DeliveryView { accepted_at_ms: accepted.at_ms, backends };
         Ok(Some(Summary::from_view(Uuid::from_u128(id), view)))
+    }
+
+    /// True when backend `label`'s consumer of `partition` has acked the write at stream sequence `seq` (it hands
+    /// out one write at a time, so everything up to its ack floor is finished there).
+    async fn acked(&self, label: &str, partition: u32, seq: u64) -> Result<bool, LogError> {
+        let name = consumer_name(&backend_hash(label), partition);
+        let info = self.writes.consumer_info(&name).await.map_err(|e| nats_error("reading a consumer", e))?;
+        Ok(info.ack_floor.stream_sequence >= seq)
     }
 
     /// The dead letters matching `filter` (at most `limit`), oldest first, each with its stream sequence.
