@@ -159,6 +159,7 @@ pub async fn run(
                 idempotency_window: config.idempotency_window,
                 history_window: config.history_window,
                 history_max_bytes: config.history_max_bytes.as_u64(),
+                keep_deliveries: config.delivery_history.saturating_mul(pool_size as u64 + 1),
             };
             let cluster = jetstream::Cluster::start(nats, settings, metrics.clone(), keys, transport).await?;
             let store = format!("nats {} (instance {instance}, partitions {})", urls.join(","), config.partitions);

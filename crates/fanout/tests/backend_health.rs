@@ -252,8 +252,12 @@ async fn under_load_retries_to_a_half_failing_backend_stay_within_the_budget() {
         received as f64 - 1000.0 <= budget + 1.0 && retries <= budget + 1.0,
         "{received} attempts for 1000 writes ({retries} retries) in {elapsed:.1} s; the budget allows {budget}"
     );
-    // The healthy backends are not held back.
-    assert_eq!(pool[0].backend.users().count, 500);
+    // The healthy backends are not held back. Under `--ack first` a write is answered once one backend has it,
+    // so the other healthy one may still be finishing its last writes (a loaded machine showed 492 of 500).
+    eventually(WAIT, "the healthy backends have every user", || async {
+        pool[0].backend.users().count == 500 && pool[1].backend.users().count == 500
+    })
+    .await;
     lb.stop().await;
 }
 

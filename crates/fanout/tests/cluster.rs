@@ -481,6 +481,29 @@ async fn dead_letters_are_listed_redriven_and_deleted_from_any_instance() {
     let b = instance("db", &pool, &nats, 1, &quick);
     let c = client();
     let refusing = &backends[2];
+    // A write every backend refuses (a password change for a user nobody has): its client gets their answer,
+    // and it leaves no dead letter anywhere (it was applied nowhere).
+    let r = c
+        .post(format!("http://{}/changePassword", a.api))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("username=nobody&password=p")
+        .send()
+        .await
+        .expect("write");
+    assert_eq!(r.status(), 404, "passed back");
+    let nobody = r.headers()["x-delivery-id"].to_str().unwrap().to_owned();
+    eventually(Duration::from_secs(30), "refused everywhere, its dead letters dropped", || {
+        let (c, url) = (c.clone(), format!("http://{}/deliveries/{nobody}", b.metrics));
+        async move {
+            let v: serde_json::Value = c.get(url).send().await.unwrap().json().await.unwrap();
+            v["state"] == "refused"
+        }
+    })
+    .await;
+    let all: serde_json::Value =
+        c.get(format!("http://{}/dead-letters", b.metrics)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(all["total"], 0, "{all}");
+
     control(&c, refusing, "/flaky?share=1").await;
     let mut ids = Vec::new();
     for i in 0..3 {

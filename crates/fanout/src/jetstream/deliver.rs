@@ -500,6 +500,9 @@ impl Backend {
         answer: Option<crate::attempt::Answer>,
     ) {
         let cluster = &self.cluster;
+        // The copy may take the store a while (it is tried again through a failover): the server is told the
+        // write is still being worked on, so that it is not handed to another instance meanwhile.
+        let _ = msg.ack_with(AckKind::Progress).await;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let status = answer.as_ref().map(|a| a.status.as_u16());
         let row = DeadRow {

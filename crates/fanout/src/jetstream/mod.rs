@@ -86,6 +86,7 @@ const PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
 const MAX_DEAD_SCAN: usize = 10_000;
 
 static STATS_FAILED: crate::ratelog::Every = crate::ratelog::Every::new();
+static REFUSED_EVERYWHERE: crate::ratelog::Every = crate::ratelog::Every::new();
 
 /// Settings of the NATS store, from [`crate::Config`].
 #[derive(Debug, Clone)]
@@ -104,6 +105,9 @@ pub struct NatsSettings {
     pub history_window: Duration,
     /// `--history-max-bytes`: the writes stream's size bound (writes are refused with `503` past it).
     pub history_max_bytes: u64,
+    /// Keys of `fanout-deliveries` kept at most: `--delivery-history` deliveries, each with a key per backend
+    /// that has a part and one for its acceptance.
+    pub keep_deliveries: u64,
 }
 
 /// Why the NATS store cannot start; the message names `--store`.
@@ -175,6 +179,8 @@ pub(crate) enum PartState {
     Delivered,
     DeadLetter,
     Discarded,
+    /// Every backend refused the write: applied nowhere, its dead letters dropped.
+    Refused,
 }
 
 /// A delivery's acceptance in `fanout-deliveries`.
@@ -220,7 +226,8 @@ fn nats_error(what: &str, e: impl std::fmt::Display) -> LogError {
     LogError::Nats(format!("{what}: {e}"))
 }
 
-/// Opens KV bucket `name`, making it first when missing: values kept for `max_age`, one revision per key.
+/// Opens KV bucket `name`, making it first when missing: values kept for `max_age`, one revision per key, at
+/// most `max_keys` keys (the oldest go first).
 ///
 /// The bucket's stream is made here after the KV conventions (stream `KV_{name}` on `$KV.{name}.>`, one message
 /// per subject, roll-ups, direct gets) because the client's own bucket creation first reads the account's
@@ -229,6 +236,7 @@ async fn bucket(
     js: &jetstream::Context,
     name: &str,
     max_age: Duration,
+    max_keys: u64,
     replicas: usize,
 ) -> Result<kv::Store, StoreError> {
     let fail = |e: &dyn std::fmt::Display| StoreError(format!("KV bucket {name}: {e}"));
@@ -238,12 +246,14 @@ async fn bucket(
         subjects: vec![format!("$KV.{name}.>")],
         max_messages_per_subject: 1,
         max_age,
+        // Bounded like the embedded store's maps: past `max_keys`, the oldest keys are forgotten first.
+        max_messages: i64::try_from(max_keys).unwrap_or(i64::MAX),
         storage: stream::StorageType::File,
         num_replicas: replicas,
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
-        discard: stream::DiscardPolicy::New,
+        discard: stream::DiscardPolicy::Old,
         ..Default::default()
     })
     .await
@@ -387,8 +397,8 @@ impl Cluster {
             })
             .await
             .map_err(|e| fail(&format!("stream {DEAD}"), &e))?;
-        let keys_kv = bucket(&js, KEYS, settings.idempotency_window, replicas).await?;
-        let deliveries = bucket(&js, DELIVERIES, settings.history_window, replicas).await?;
+        let keys_kv = bucket(&js, KEYS, settings.idempotency_window, crate::replay::MAX_KEYS as u64, replicas).await?;
+        let deliveries = bucket(&js, DELIVERIES, settings.history_window, settings.keep_deliveries, replicas).await?;
 
         let labels: Vec<Arc<str>> = dispatch.pool.iter().map(|a| Arc::from(a.label())).collect();
         let hashes: Vec<String> = labels.iter().map(|l| backend_hash(l)).collect();
@@ -604,6 +614,10 @@ impl Cluster {
                 continue;
             }
             if let Some(w) = waiting.remove(&o.id) {
+                if matches!(decision, Decision::PassBack { .. }) {
+                    // Refused by every backend with the same client error: applied nowhere, nothing to redrive.
+                    tokio::spawn(self.clone().drop_refused(o.id));
+                }
                 let summary = Summary::from_view(Uuid::from_u128(o.id), w.tally.view(&self.labels, id_time_ms(o.id)));
                 let _ = w.tx.send(Reply { decision, summary });
             }
@@ -749,6 +763,7 @@ impl Cluster {
                         PartState::Delivered => BackendState::Delivered,
                         PartState::DeadLetter => BackendState::DeadLetter,
                         PartState::Discarded => BackendState::Discarded,
+                        PartState::Refused => BackendState::Refused,
                     },
                     attempts: p.attempts,
                     status: p.status,
@@ -879,6 +894,42 @@ impl Cluster {
             gone.push((dead.backend, seq));
         }
         Ok(gone)
+    }
+
+    /// When every backend refused write `id` (the client got their common `4xx`), deletes its dead letters and
+    /// marks its parts `refused`, as the embedded store does: it was applied nowhere, so there is nothing to
+    /// redrive, and it must not hold `--max-pending`. Decided where the client waited; a write whose client had
+    /// stopped waiting keeps its dead letters.
+    async fn drop_refused(self: Arc<Self>, id: u128) {
+        let found = match self.scan_dead(&DeadFilter { backend: None, id: Some(id) }, self.labels.len()).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "the dead letters of a write every backend refused are kept");
+                return;
+            }
+        };
+        for (seq, dead) in found {
+            if self.dead.delete_message(seq).await.is_err() {
+                continue;
+            }
+            let part = Part {
+                state: PartState::Refused,
+                attempts: dead.row.attempts,
+                status: dead.row.last_status,
+                outcome: dead.row.last_outcome.clone(),
+                reason: Some(dead.row.reason.clone()),
+                next_attempt_ms: None,
+            };
+            self.put_part(id, &backend_hash(&dead.backend), &part).await;
+        }
+        if let Some(writes) = REFUSED_EVERYWHERE.hit() {
+            tracing::info!(
+                delivery_id = %Uuid::from_u128(id),
+                writes,
+                "every backend refused this write: applied nowhere, its dead letters are dropped (this one logged; \
+                 `writes` since the last line)"
+            );
+        }
     }
 
     /// Recovers backend `label`: its consumers start again from `since_ms`, see [`deliver::recover`].
