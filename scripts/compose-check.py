@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Writes and convergence checks for the Docker stack (scripts/compose-test.sh). Standard library only.
+"""Writes and convergence checks for the Docker stacks (scripts/compose-test.sh, scripts/compose-cluster-test.sh).
+Standard library only.
 
   compose-check.py writes --url URL --prefix P --count N [--change-every K] [--concurrency C] --ledger FILE
-                          [--tolerate N] [--over S]
+                          [--tolerate N] [--over S [--until FILE --after M]]
       Registers users P-0 .. P-(N-1) through URL (nginx), then changes the password of every K-th one (after its
       register was answered, so that its two writes are in order). Appends to FILE one line per acknowledged write
       ("username version": the user's write count on a backend once it has them all; the demo backend counts
@@ -11,6 +12,10 @@
       --tolerate N only on more than N of them (an instance killed mid-request): a failed write ends its user's
       writes and is written down as "username version?" (it may or may not have been taken). With --over S the
       users start evenly over S seconds instead of all at once (a load that lasts, to kill something under).
+      With --until FILE as well, the load lasts until the caller says so: users keep starting at that pace past N
+      until FILE exists, then M more start and the writes end (at least N in all). So the load is on both sides of
+      whatever the caller does before it creates FILE, however long that takes; with no FILE by 10 * N users it
+      gives up and exits 1.
 
   compose-check.py converge --ledger FILE --backend URL [--backend URL ...] [--timeout S] [--exact]
       Polls every backend's GET /users until each holds every user of the ledger at its final version and all
@@ -21,6 +26,7 @@
 import argparse
 import concurrent.futures
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -48,8 +54,6 @@ def writes(args) -> int:
 
     def one_user(i: int) -> tuple[list[str], str | None]:
         """The user's writes, in order, up to the first unacknowledged one: (ledger lines, failure or None)."""
-        if args.over:
-            time.sleep(max(0.0, started + args.over * i / args.count - time.monotonic()))
         name = f"{args.prefix}-{i}"
         lines = []
         plan = [("register", f"pw-{i}")]
@@ -66,9 +70,28 @@ def writes(args) -> int:
             lines.append(f"{name} {version}")
         return lines, None
 
+    def users():
+        """The users' numbers, each yielded at its start time (with --over); until_seen[0] becomes the number of
+        users started before --until's file was seen, started_users[0] counts them all."""
+        i = 0
+        while True:
+            if args.over:
+                time.sleep(max(0.0, started + args.over * i / args.count - time.monotonic()))
+            if args.until and until_seen[0] is None and os.path.exists(args.until):
+                until_seen[0] = i
+            if i >= args.count and (not args.until or (until_seen[0] is not None and i - until_seen[0] >= args.after)):
+                return
+            if args.until and until_seen[0] is None and i >= 10 * args.count:
+                return
+            yield i
+            i += 1
+            started_users[0] = i
+
+    until_seen: list[int | None] = [None]
+    started_users = [0]
     lines, failures = [], []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        for fut in concurrent.futures.as_completed([pool.submit(one_user, i) for i in range(args.count)]):
+        for fut in concurrent.futures.as_completed([pool.submit(one_user, i) for i in users()]):
             user_lines, failure = fut.result()
             if failure is None or args.tolerate > 0:
                 lines.extend(user_lines)
@@ -81,6 +104,11 @@ def writes(args) -> int:
           f"{f' (at most {args.tolerate} tolerated)' if args.tolerate else ''}, {time.monotonic() - started:.1f} s")
     for line in failures[:10]:
         print(f"  failed: {line}")
+    if args.until:
+        if until_seen[0] is None:
+            print(f"  {args.until} never appeared: gave up after {10 * args.count} users")
+            return 1
+        print(f"  users started: {until_seen[0]} before {args.until} appeared, {started_users[0] - until_seen[0]} after")
     return 1 if len(failures) > args.tolerate else 0
 
 
@@ -141,12 +169,16 @@ def main() -> int:
     w.add_argument("--ledger", required=True)
     w.add_argument("--tolerate", type=int, default=0)
     w.add_argument("--over", type=float, default=0.0)
+    w.add_argument("--until", default="")
+    w.add_argument("--after", type=int, default=0)
     c = sub.add_parser("converge")
     c.add_argument("--ledger", required=True)
     c.add_argument("--backend", action="append", required=True)
     c.add_argument("--timeout", type=float, default=120.0)
     c.add_argument("--exact", action="store_true")
     args = ap.parse_args()
+    if args.cmd == "writes" and args.until and not args.over:
+        ap.error("--until needs --over (the pace at which users keep starting)")
     return writes(args) if args.cmd == "writes" else converge(args)
 
 

@@ -15,15 +15,17 @@
 #      fanout-1's write answers on fanout-3;
 #   6. nothing lost when an instance and a NATS node die for good: server3 paused (its deliveries pending), writes
 #      from CONCURRENCY clients through nginx, and while they run fanout-1 and nats-2 killed with SIGKILL and kept
-#      down; at most TOLERATE writes may fail (those in flight on fanout-1), the others are acknowledged; server3
-#      unpaused; then every acknowledged write is on every backend, no write was applied twice (the demo backend's
-#      versions), the backends agree, and nothing waits in the surviving instances (PENDING_METRIC is 0);
+#      down (the writes go on until the kill is done, and for KILL_WRITES / 4 users after it); at most TOLERATE
+#      writes may fail (those in flight on fanout-1), the others are acknowledged; the survivors count deliveries
+#      waiting for server3; server3 unpaused; then every acknowledged write is on every backend, no write was
+#      applied twice (the demo backend's versions), the backends agree, and nothing waits in the surviving
+#      instances (PENDING_METRIC is 0: the consumers' lag, read from JetStream);
 #   7. `docker compose down -v`, and nothing of the project left.
 #
 # Exits non-zero on the first failure, printing `docker compose ps` and the logs' tails; the stack is taken down in
 # every case (a trap), and a dockerd started here is stopped. Every wait is bounded.
-#   NGINX_HOST_PORT (80), STACK_NET (10.87.0): as for the compose file. WRITES (300), KILL_WRITES (400, started
-#   evenly over KILL_SECONDS, 12, the kills halfway), CONCURRENCY (8), TOLERATE (16), PENDING_METRIC
+#   NGINX_HOST_PORT (80), STACK_NET (10.87.0): as for the compose file. WRITES (300), KILL_WRITES (at least 400,
+#   started evenly over KILL_SECONDS, 12, the kills halfway), CONCURRENCY (8), TOLERATE (16), PENDING_METRIC
 #   (fanout_pending_deliveries), BUILD_TIMEOUT (seconds, 2400).
 #   COMPOSE_FILE (docker-compose.cluster.yml): Compose's own variable, for an override file after a colon.
 set -euo pipefail
@@ -49,6 +51,7 @@ backends=("http://$STACK_NET.11:8080" "http://$STACK_NET.12:8080" "http://$STACK
 work=$(mktemp -d)
 started_dockerd=""
 stack_up=""
+writer="" # the background writes' pid while they run
 t0=$(date +%s)
 step() { printf -- '--- [%4ds] %s\n' "$(($(date +%s) - t0))" "$*"; }
 fail() { echo "compose-cluster-test: FAILED: $*" >&2; exit 1; }
@@ -59,6 +62,7 @@ compose() { timeout "${TIMEOUT:-120}" docker compose -p "$project" "$@"; }
 cleanup() {
   local rc=$?
   set +e
+  [ -z "$writer" ] || kill "$writer" 2>/dev/null
   if [ -n "$stack_up" ]; then
     if [ "$rc" != 0 ]; then
       echo "=== diagnostics (exit $rc)"
@@ -171,25 +175,33 @@ echo "  GET /deliveries/$id on fanout-3: 200 $(body "$work/d3" | head -c 200)"
 echo "replay$t0 1" >>"$ledger"
 
 step "fanout-1 and nats-2 killed for good (SIGKILL) under $CONCURRENCY clients, server3 paused meanwhile"
+# Kept down once killed: no restart policy brings them back, as if their hosts were gone. Both looked up and set
+# before the load starts, so that the kill itself is one command.
+victims=("$(container_of fanout-1)" "$(container_of nats-2)")
+docker update --restart=no "${victims[@]}" >/dev/null
 compose pause server3 >/dev/null
+# The load lasts until $work/killed exists, then goes on for KILL_WRITES / 4 more users: the kills happen under
+# it however long they take, and writes go on reaching the survivors after them.
 python3 scripts/compose-check.py writes --url "$lb" --prefix "kill$t0" --count "$KILL_WRITES" --ledger "$ledger" \
-  --concurrency "$CONCURRENCY" --tolerate "$TOLERATE" --over "$KILL_SECONDS" >"$work/kill-writes.out" 2>&1 &
+  --concurrency "$CONCURRENCY" --tolerate "$TOLERATE" --over "$KILL_SECONDS" \
+  --until "$work/killed" --after "$((KILL_WRITES / 4))" >"$work/kill-writes.out" 2>&1 &
 writer=$!
 sleep "$((KILL_SECONDS / 2))"
-kill -0 "$writer" 2>/dev/null || fail "the writes were over before the kills (raise KILL_SECONDS)"
-# Kept down: no restart policy brings them back, as if their hosts were gone.
-for s in fanout-1 nats-2; do
-  docker update --restart=no "$(container_of "$s")" >/dev/null
-  docker kill -s KILL "$(container_of "$s")" >/dev/null
-done
+kill -0 "$writer" 2>/dev/null || { cat "$work/kill-writes.out"; fail "the writes stopped before the kills"; }
+docker kill -s KILL "${victims[@]}" >/dev/null
+touch "$work/killed"
 echo "  killed fanout-1 and nats-2 at $(($(date +%s) - t0)) s"
 writes_rc=0
 wait "$writer" || writes_rc=$?
+writer=""
 sed 's/^/  /' "$work/kill-writes.out"
 [ "$writes_rc" = 0 ] || fail "more than $TOLERATE writes failed around the kills"
-pending=$(metric_sum fanout-2 "$PENDING_METRIC")
-echo "  $PENDING_METRIC on fanout-2 with server3 paused: ${pending:-absent}"
-[ -n "$pending" ] || fail "fanout-2 has no $PENDING_METRIC (PENDING_METRIC names the metric of what waits)"
+# What server3 has not had yet waits in the consumers, counted by the survivors (the gauge is refreshed on a timer).
+waits_some() { awk -v v="$(metric_sum "$1" "$PENDING_METRIC")" 'BEGIN { exit !(v > 0) }'; }
+[ -n "$(metric_sum fanout-2 "$PENDING_METRIC")" ] \
+  || fail "fanout-2 has no $PENDING_METRIC (PENDING_METRIC names the metric of what waits)"
+wait_for "$PENDING_METRIC above 0 on fanout-2 while server3 is paused" 60 waits_some fanout-2
+echo "  $PENDING_METRIC on fanout-2 with server3 paused: $(metric_sum fanout-2 "$PENDING_METRIC")"
 compose unpause server3 >/dev/null
 for s in fanout-1 nats-2; do
   [ "$(docker inspect -f '{{.State.Running}}' "$(container_of "$s")")" = false ] || fail "$s came back"
