@@ -612,3 +612,27 @@ async fn a_backend_that_lost_its_state_is_recovered_from_the_stream() {
     let others = users(&c, &backends[0]).await;
     assert!(others.users.iter().all(|u| u.version == 2), "the other backends got nothing twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_a_longer_attempt_timeout_raises_the_consumers_ack_wait() {
+    let nats = procs::nats_cluster(1);
+    let pool = [backend("server1", false).addr];
+    let _short = instance("wa", &pool, &nats, 1, &["--attempt-timeout", "2s"]);
+    let _long = instance("wb", &pool, &nats, 1, &["--attempt-timeout", "20s"]);
+    let _short_again = instance("wc", &pool, &nats, 1, &["--attempt-timeout", "2s"]);
+    let c = client();
+    let url = format!("http://{}/jsz?accounts=true&streams=true&consumers=true&config=true", nats[0].monitor);
+    let jsz: serde_json::Value = c.get(url).send().await.unwrap().json().await.unwrap();
+    let waits: Vec<u64> = jsz["account_details"][0]["stream_detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "FANOUT_WRITES")
+        .flat_map(|s| {
+            s["consumer_detail"].as_array().unwrap().iter().map(|c| c["config"]["ack_wait"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(waits.len(), PARTITIONS.parse::<usize>().unwrap(), "{jsz}");
+    // --attempt-timeout 20s plus the 10 s margin, kept when a shorter one starts again.
+    assert!(waits.iter().all(|w| *w == 30_000_000_000), "{waits:?}");
+}

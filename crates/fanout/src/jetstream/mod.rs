@@ -407,10 +407,22 @@ impl Cluster {
             for p in 0..settings.partitions {
                 let config = deliver::consumer_config(dispatch.attempt_timeout, label, p, consumer::DeliverPolicy::New);
                 let name = config.durable_name.clone().unwrap_or_default();
-                writes
+                let ack_wait = config.ack_wait;
+                let mut found: consumer::PullConsumer = writes
                     .get_or_create_consumer(&name, config)
                     .await
                     .map_err(|e| fail(&format!("consumer {name} of {WRITES}"), &e))?;
+                // Made by an instance with a shorter --attempt-timeout: an attempt could outlive the server's
+                // patience, so the wait is raised (never lowered: a longer one only delays a dead instance's
+                // writes). Each instance's attempts must fit the shortest wait, which is then its own.
+                let current = found.info().await.map_err(|e| fail(&format!("consumer {name}"), &e))?.config.clone();
+                if current.ack_wait < ack_wait {
+                    let raised = consumer::Config { ack_wait, ..current };
+                    writes
+                        .create_consumer(raised)
+                        .await
+                        .map_err(|e| fail(&format!("raising the ack wait of consumer {name}"), &e))?;
+                }
             }
         }
         let outcomes = client
