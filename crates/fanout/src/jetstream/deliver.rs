@@ -677,13 +677,16 @@ pub(crate) async fn recover(cluster: &Cluster, label: &str, since_ms: u64) -> Re
     let hash = backend_hash(label);
     for p in 0..cluster.settings.partitions {
         let name = consumer_name(&hash, p);
+        // The wait another instance raised is kept (see `Cluster::start`).
+        let raised = cluster.writes.consumer_info(&name).await.ok().map(|i| i.config.ack_wait);
         let _ = cluster.writes.delete_consumer(&name).await;
-        let config = consumer_config(
+        let mut config = consumer_config(
             cluster.dispatch.attempt_timeout,
             label,
             p,
             consumer::DeliverPolicy::ByStartTime { start_time: start },
         );
+        config.ack_wait = config.ack_wait.max(raised.unwrap_or_default());
         cluster.writes.create_consumer(config).await.map_err(|e| super::nats_error("making a recovery consumer", e))?;
     }
     let history_from = crate::lock(&cluster.history).oldest_ms;
