@@ -51,8 +51,9 @@ Then, per concurrency, the ratios (medians over medians):
 Before the first round the NATS tiers are left idle for a few seconds and their CPU per second is reported: the
 pulls that wait on every consumer cost a little even with no write, during every scenario.
 Output: the tables and ratios on stdout and in bench/results/bench.md; every raw run, the medians and the ratios in
-bench/results/bench.json. Exits non-zero when any request failed (non-2xx or socket error). This machine is
-shared and noisy: absolute numbers drift between runs, ratios within one run hold.
+bench/results/bench.json; with --workdir DIR, every process's log and store stay in DIR. Exits non-zero when any
+request failed (non-2xx or socket error). This machine is shared and noisy: absolute numbers drift between runs,
+ratios within one run hold.
 
 Standard library only. Needs wrk, nginx (Debian's), nats-server (Debian's, unless --no-nats) and the release
 binaries (make bench builds them).
