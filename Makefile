@@ -15,7 +15,7 @@ help:
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make smoke  - starts 'make run' in the background, tries the README's curl lines, stops it"
 	@echo "make load-test - Locust against the local stack, then checks that every backend converged"
-	@echo "make bench  - fanout side by side with nginx's mirror, nginx proxying and a direct backend (BENCH_ARGS=...)"
+	@echo "make bench  - fanout (embedded and NATS stores) beside nginx's mirror, nginx proxying, a direct backend (BENCH_ARGS=...)"
 	@echo "make bench-memory - RSS per pending delivery with a dead backend, the in-flight bound, the drain (MEMORY_ARGS=...)"
 	@echo "make docker-lint - validates Dockerfile, compose files, nginx template, Prometheus and Grafana config"
 	@echo "make deploy-lint - validates deploy/kubernetes/ without a cluster (schemas, probes, limits, budgets, Secret, NATS values)"
@@ -97,8 +97,10 @@ wrk-available:
 		|| { echo "wrk is missing: sudo apt-get install wrk"; exit 1; }
 	@./scripts/ensure-nginx.sh >/dev/null
 
+# The NATS scenarios (on unless BENCH_ARGS has --no-nats) need Debian's nats-server, installed when missing and root.
 BENCH_ARGS ?=
 bench: wrk-available release
+	@case " $(BENCH_ARGS) " in *" --no-nats "*) ;; *) ./scripts/ensure-nats.sh >/dev/null ;; esac
 	python3 bench/bench.py $(BENCH_ARGS)
 
 MEMORY_ARGS ?=
