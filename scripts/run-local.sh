@@ -100,6 +100,7 @@ trap 'exit 143' TERM
 start() {
   local name=$1
   shift
+  rm -f "$RUN_DIR/logs/$name.log"
   setsid "$@" >"$RUN_DIR/logs/$name.log" 2>&1 &
   pids+=($!)
   echo $! >"$RUN_DIR/pids/$name.pid"
@@ -214,9 +215,25 @@ Try:
 Ctrl-C stops everything.
 MSG
 
-# Stop everything as soon as one process dies, or on Ctrl-C.
+# Stop everything as soon as one process dies, or on Ctrl-C. With CLUSTER=1 the stack is meant to lose an
+# instance or a NATS node (README "Scaling out"): it goes on while nginx, a fanout instance and two NATS nodes live.
 set +e
-wait -n "${pids[@]}"
-status=$?
-say "a process of the stack exited (status $status); see $RUN_DIR/logs/" >&2
-exit 1
+while true; do
+  wait -n "${pids[@]}"
+  status=$?
+  if [ "$CLUSTER" = 1 ]; then
+    alive() { [ -f "$RUN_DIR/pids/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/pids/$1.pid")" 2>/dev/null; }
+    fanouts=0 nodes=0
+    for i in "${!fanout_ports[@]}"; do alive "fanout$((i + 1))" && fanouts=$((fanouts + 1)); done
+    for i in 1 2 3; do alive "nats$i" && nodes=$((nodes + 1)); done
+    if alive nginx && [ $fanouts -gt 0 ] && [ $nodes -ge 2 ]; then
+      say "a process of the stack exited (status $status); going on with $fanouts fanout instances and $nodes NATS nodes" >&2
+      live=()
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && live+=("$p"); done
+      pids=("${live[@]}")
+      continue
+    fi
+  fi
+  say "a process of the stack exited (status $status); see $RUN_DIR/logs/" >&2
+  exit 1
+done

@@ -62,6 +62,9 @@ use crate::routes::AppState;
 /// How long the listeners get to close once the shutdown deadline has passed.
 const FINAL_WAIT: Duration = Duration::from_millis(100);
 
+/// How long fanout waits at start for a NATS store whose requests time out (a cluster electing its leaders).
+const STORE_START_PATIENCE: Duration = Duration::from_secs(30);
+
 /// How often histogram buffers are drained into the exposition.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -161,7 +164,27 @@ pub async fn run(
                 history_max_bytes: config.history_max_bytes.as_u64(),
                 keep_deliveries: config.delivery_history.saturating_mul(pool_size as u64 + 1),
             };
-            let cluster = jetstream::Cluster::start(nats, settings, metrics.clone(), keys, transport).await?;
+            // A cluster that just started elects its stream leaders in the first seconds: its requests time out
+            // meanwhile. Those are waited out (30 s at most); a refusal (partitions, no JetStream) is not.
+            let deadline = tokio::time::Instant::now() + STORE_START_PATIENCE;
+            let cluster = loop {
+                match jetstream::Cluster::start(
+                    nats.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                    keys.clone(),
+                    transport.clone(),
+                )
+                .await
+                {
+                    Ok(cluster) => break cluster,
+                    Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                        tracing::warn!(error = %e.0, "the NATS store is not ready yet (leaders being elected?): trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             let store = format!("nats {} (instance {instance}, partitions {})", urls.join(","), config.partitions);
             (Dispatcher::nats(cluster), None, store)
         }

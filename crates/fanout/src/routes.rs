@@ -72,6 +72,11 @@ pub enum ApiError {
     /// The write could not be stored in the outbox; nothing was sent.
     #[error("the write could not be stored; nothing was sent, retry later")]
     StoreUnavailable,
+    /// The NATS store did not confirm the write in time: it may have been stored, and then is delivered.
+    #[error(
+        "the store did not confirm the write in time: it may still be delivered; retry with the same Idempotency-Key"
+    )]
+    StoreUnconfirmed,
     /// A delivery id that is unknown or was forgotten.
     #[error("no delivery with this id (finished ones are kept for the newest --delivery-history)")]
     UnknownDelivery,
@@ -113,7 +118,9 @@ impl IntoResponse for ApiError {
             ApiError::Body(rejection) => rejection.status(),
             ApiError::BadHeader(_) | ApiError::Unordered(_) => StatusCode::BAD_REQUEST,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy | ApiError::ShuttingDown | ApiError::StoreUnavailable | ApiError::StoreUnconfirmed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::UnknownDelivery
             | ApiError::UnknownBackend(_)
             | ApiError::NoDeadLetter
@@ -545,6 +552,7 @@ async fn write(
     };
     let mut response = match decided {
         Some(Ok(Reply { decision: Decision::Refused, .. })) => return Err(refused(ApiError::StoreUnavailable)),
+        Some(Ok(Reply { decision: Decision::Unconfirmed, .. })) => return Err(refused(ApiError::StoreUnconfirmed)),
         Some(Ok(reply)) => {
             let answer = answer(reply.decision, state.dispatcher.ack_policy(), &reply.summary);
             if answer.status == StatusCode::BAD_GATEWAY.as_u16()
@@ -613,7 +621,9 @@ fn answer(decision: Decision, policy: AckPolicy, progress: &Summary) -> StoredAn
         Decision::Acked { answer } if policy == AckPolicy::First => backend(answer),
         Decision::Acked { .. } => summary(StatusCode::CREATED),
         Decision::PassBack { answer } => backend(answer),
-        Decision::Unmet | Decision::Wait | Decision::Refused => summary(StatusCode::BAD_GATEWAY),
+        Decision::Unmet | Decision::Wait | Decision::Refused | Decision::Unconfirmed => {
+            summary(StatusCode::BAD_GATEWAY)
+        }
     }
 }
 

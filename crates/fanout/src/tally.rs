@@ -49,6 +49,9 @@ pub enum Decision {
     Unmet,
     /// The write could not be stored in the outbox: `503`, and nothing was sent.
     Refused,
+    /// The NATS store did not confirm the write in time: `503`, and the write may still be delivered (the servers
+    /// may have stored it without their answer coming back).
+    Unconfirmed,
 }
 
 /// The final results of one delivery so far, and the pure rule of when to answer.

@@ -611,6 +611,30 @@ async fn a_backend_that_lost_its_state_is_recovered_from_the_stream() {
     }
     let others = users(&c, &backends[0]).await;
     assert!(others.users.iter().all(|u| u.version == 2), "the other backends got nothing twice");
+
+    // A recovery from a later time than writes the backend still waits for keeps them (found by an attack run:
+    // the consumers were made again from `since`, and the waiting writes before it were dropped unseen).
+    control(&c, lost, "/down").await;
+    for i in 0..3 {
+        let r = c
+            .post(format!("http://{}/register", a.api))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("username=waiting{i}&password=p"))
+            .send()
+            .await
+            .expect("write");
+        assert_eq!(r.status(), 201);
+    }
+    // Older than the recovery's `since` (1 s before it starts).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    admin_call(&c, reqwest::Method::POST, format!("http://{}/recoveries?backend={}&since=1s", a.metrics, lost.addr))
+        .await;
+    control(&c, lost, "/up").await;
+    eventually(Duration::from_secs(60), "the waiting writes delivered after the recovery", || {
+        let c = c.clone();
+        async move { users(&c, lost).await.users.iter().filter(|u| u.username.starts_with("waiting")).count() == 3 }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -672,21 +672,28 @@ async fn first_newer_than(cluster: &Cluster, first: u64, last: u64, cutoff_ms: u
 /// Recovers backend `label`: its consumers are made again, handing out every write stored since `since_ms`,
 /// in stream order per partition (see the module doc). Other instances pulling them pick up the new ones.
 pub(crate) async fn recover(cluster: &Cluster, label: &str, since_ms: u64) -> Result<RecoveryStatus, LogError> {
-    let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
-        .map_err(|e| LogError::Nats(format!("since: {e}")))?;
+    let info = cluster.writes.get_info().await.map_err(|e| super::nats_error("reading the stream", e))?;
+    let since_seq = first_newer_than(cluster, info.state.first_sequence, info.state.last_sequence, since_ms).await?;
     let hash = backend_hash(label);
     for p in 0..cluster.settings.partitions {
         let name = consumer_name(&hash, p);
-        // The wait another instance raised is kept (see `Cluster::start`).
-        let raised = cluster.writes.consumer_info(&name).await.ok().map(|i| i.config.ack_wait);
+        // The new consumer starts at the first write since `since_ms`, or earlier where the old one still had
+        // writes to hand out: a recovery adds writes, it never drops one the backend was waiting for. The wait
+        // another instance raised is kept (see `Cluster::start`).
+        let old = cluster.writes.consumer_info(&name).await.ok();
+        let start = match &old {
+            Some(c) => since_seq.min(c.ack_floor.stream_sequence + 1),
+            None => since_seq,
+        }
+        .max(1);
         let _ = cluster.writes.delete_consumer(&name).await;
         let mut config = consumer_config(
             cluster.dispatch.attempt_timeout,
             label,
             p,
-            consumer::DeliverPolicy::ByStartTime { start_time: start },
+            consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
         );
-        config.ack_wait = config.ack_wait.max(raised.unwrap_or_default());
+        config.ack_wait = config.ack_wait.max(old.map(|c| c.config.ack_wait).unwrap_or_default());
         cluster.writes.create_consumer(config).await.map_err(|e| super::nats_error("making a recovery consumer", e))?;
     }
     let history_from = crate::lock(&cluster.history).oldest_ms;

@@ -87,6 +87,7 @@ const MAX_DEAD_SCAN: usize = 10_000;
 
 static STATS_FAILED: crate::ratelog::Every = crate::ratelog::Every::new();
 static REFUSED_EVERYWHERE: crate::ratelog::Every = crate::ratelog::Every::new();
+static NOT_STORED: crate::ratelog::Every = crate::ratelog::Every::new();
 
 /// Settings of the NATS store, from [`crate::Config`].
 #[derive(Debug, Clone)]
@@ -114,6 +115,18 @@ pub struct NatsSettings {
 #[derive(Debug, thiserror::Error)]
 #[error("--store (STORE): {0}")]
 pub struct StoreError(pub String);
+
+impl StoreError {
+    /// True for a request that timed out or found no responder (a cluster still electing its leaders), which
+    /// may pass by itself; false for a refusal that will not (no server, no JetStream, another partition count).
+    pub fn is_transient(&self) -> bool {
+        let e = self.0.as_str();
+        !e.contains("cannot reach")
+            && !e.contains("JetStream is not available")
+            && !e.contains("partition count")
+            && (e.contains("timed out") || e.contains("no responders") || e.contains("temporarily unavailable"))
+    }
+}
 
 /// A write as published on `fanout.writes.{p}`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -307,6 +320,8 @@ pub struct Cluster {
     backends: Mutex<Vec<Arc<deliver::Backend>>>,
     /// Per backend in pool order, as last read from the store: (consumer lag, dead letters).
     counts: Mutex<Vec<(u64, u64)>>,
+    /// False after a write the store did not take, until one it takes (readiness reports it).
+    store_ok: AtomicBool,
     /// Writes not finished on the backend furthest behind (consumer lag, refreshed every [`STATS_INTERVAL`]).
     lag: AtomicU64,
     history: Mutex<HistoryStats>,
@@ -398,7 +413,9 @@ impl Cluster {
             .await
             .map_err(|e| fail(&format!("stream {DEAD}"), &e))?;
         let keys_kv = bucket(&js, KEYS, settings.idempotency_window, crate::replay::MAX_KEYS as u64, replicas).await?;
-        let deliveries = bucket(&js, DELIVERIES, settings.history_window, settings.keep_deliveries, replicas).await?;
+        // A write's part holds its attempts so far: it must outlive the longest backoff, so a day at least.
+        let parts_age = settings.history_window.max(Duration::from_secs(24 * 3600));
+        let deliveries = bucket(&js, DELIVERIES, parts_age, settings.keep_deliveries, replicas).await?;
 
         let labels: Vec<Arc<str>> = dispatch.pool.iter().map(|a| Arc::from(a.label())).collect();
         let hashes: Vec<String> = labels.iter().map(|l| backend_hash(l)).collect();
@@ -448,6 +465,7 @@ impl Cluster {
             seal,
             waiting: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            store_ok: AtomicBool::new(true),
             stop,
             answer_now: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
@@ -544,6 +562,7 @@ impl Cluster {
         .await;
         match result {
             Ok(seq) => {
+                self.store_ok.store(true, Ordering::Relaxed);
                 if let Some((key, record)) = idempotency {
                     self.put_key(&key, KeyEntry { record, stored: true }).await;
                 }
@@ -554,10 +573,16 @@ impl Cluster {
             }
             Err(err) => {
                 self.metrics.store_failure();
-                tracing::error!(error = %err, "a write was not stored: refused with 503, nothing sent");
+                self.store_ok.store(false, Ordering::Relaxed);
+                // A full stream refused it for good; any other failure leaves its fate unknown.
+                let decision =
+                    if matches!(err, LogError::NatsRefused(_)) { Decision::Refused } else { Decision::Unconfirmed };
+                if let Some(n) = NOT_STORED.hit() {
+                    tracing::error!(error = %err, n, "writes not confirmed by the store: answered 503");
+                }
                 if let Some(w) = crate::lock(&self.waiting).remove(&id) {
                     let summary = Summary::from_view(Uuid::from_u128(id), w.tally.view(&[], 0));
-                    let _ = w.tx.send(Reply { decision: Decision::Refused, summary });
+                    let _ = w.tx.send(Reply { decision, summary });
                 }
             }
         }
@@ -590,6 +615,10 @@ impl Cluster {
             .await;
             match tried {
                 Ok(ack) => return Ok(ack.sequence),
+                // The stream is full (JetStream error 10077): definite, no use trying again.
+                Err(LogError::Nats(e)) if e.contains("maximum bytes") || e.contains("10077") => {
+                    return Err(LogError::NatsRefused(e));
+                }
                 Err(e) if tokio::time::Instant::now() + wait >= deadline => return Err(e),
                 Err(_) => {
                     tokio::time::sleep(wait).await;
@@ -1015,6 +1044,7 @@ impl Cluster {
             && self.clients.available_permits() > 0
             && self.unfinished() < self.dispatch.max_pending
             && self.client.connection_state() == async_nats::connection::State::Connected
+            && self.store_ok.load(Ordering::Relaxed)
     }
 
     /// Stops taking writes, lets the workers finish their attempts for most of `grace`, answers the clients

@@ -75,6 +75,9 @@ pub enum LogError {
     /// The NATS JetStream store failed (`--store nats://...`): what was being done, and the client's error.
     #[error("NATS store: {0}")]
     Nats(String),
+    /// The NATS store refused the write for good (the stream is at `--history-max-bytes`): not stored.
+    #[error("NATS store refused it: {0}")]
+    NatsRefused(String),
     /// The operation cannot run now (the reason says why); try again later.
     #[error("busy: {0}")]
     Busy(&'static str),
