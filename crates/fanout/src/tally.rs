@@ -128,15 +128,7 @@ impl Tally {
             .map(|(label, r)| {
                 let backend = label.to_string();
                 match r {
-                    None => BackendView {
-                        backend,
-                        state: BackendState::Pending,
-                        attempts: 0,
-                        status: None,
-                        outcome: None,
-                        reason: None,
-                        next_attempt_at: None,
-                    },
+                    None => BackendView::pending(backend),
                     Some(BackendResult::Delivered { attempts, answer }) => BackendView {
                         backend,
                         state: BackendState::Delivered,

@@ -91,6 +91,11 @@ fn instance(name: &str, pool: &[SocketAddr], nats: &[NatsNode], replicas: usize,
     }
 }
 
+/// Posts a form body to `url`; panics when no answer comes.
+async fn post_form(c: &reqwest::Client, url: String, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    c.post(url).header("content-type", "application/x-www-form-urlencoded").body(body).send().await.expect("write")
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(60)).no_proxy().build().expect("client")
 }
@@ -381,13 +386,7 @@ async fn a_backend_refusing_every_write_is_probed_not_hammered_and_catches_up() 
     const WRITES: usize = 400;
     for i in 0..WRITES {
         let api = instances[i % instances.len()].api;
-        let r = c
-            .post(format!("http://{api}/register"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(format!("username=probe{i}&password=p{i}"))
-            .send()
-            .await
-            .expect("write");
+        let r = post_form(&c, format!("http://{api}/register"), format!("username=probe{i}&password=p{i}")).await;
         assert_eq!(r.status(), 201, "acked by the healthy backends (ack first)");
     }
     // Both instances opened their breaker for it.
@@ -483,13 +482,7 @@ async fn dead_letters_are_listed_redriven_and_deleted_from_any_instance() {
     let refusing = &backends[2];
     // A write every backend refuses (a password change for a user nobody has): its client gets their answer,
     // and it leaves no dead letter anywhere (it was applied nowhere).
-    let r = c
-        .post(format!("http://{}/changePassword", a.api))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("username=nobody&password=p")
-        .send()
-        .await
-        .expect("write");
+    let r = post_form(&c, format!("http://{}/changePassword", a.api), "username=nobody&password=p").await;
     assert_eq!(r.status(), 404, "passed back");
     let nobody = r.headers()["x-delivery-id"].to_str().unwrap().to_owned();
     eventually(Duration::from_secs(30), "refused everywhere, its dead letters dropped", || {
@@ -507,13 +500,7 @@ async fn dead_letters_are_listed_redriven_and_deleted_from_any_instance() {
     control(&c, refusing, "/flaky?share=1").await;
     let mut ids = Vec::new();
     for i in 0..3 {
-        let r = c
-            .post(format!("http://{}/register", a.api))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(format!("username=dead{i}&password=p"))
-            .send()
-            .await
-            .expect("write");
+        let r = post_form(&c, format!("http://{}/register", a.api), format!("username=dead{i}&password=p")).await;
         assert_eq!(r.status(), 201);
         ids.push(r.headers()["x-delivery-id"].to_str().unwrap().to_owned());
     }
@@ -574,13 +561,7 @@ async fn a_backend_that_lost_its_state_is_recovered_from_the_stream() {
     for i in 0..20 {
         let api = if i % 2 == 0 { a.api } else { b.api };
         for (route, pw) in [("register", "one"), ("changePassword", "two")] {
-            let r = c
-                .post(format!("http://{api}/{route}"))
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(format!("username=rec{i}&password={pw}"))
-                .send()
-                .await
-                .expect("write");
+            let r = post_form(&c, format!("http://{api}/{route}"), format!("username=rec{i}&password={pw}")).await;
             assert_eq!(r.status(), 201);
         }
     }
@@ -616,13 +597,7 @@ async fn a_backend_that_lost_its_state_is_recovered_from_the_stream() {
     // the consumers were made again from `since`, and the waiting writes before it were dropped unseen).
     control(&c, lost, "/down").await;
     for i in 0..3 {
-        let r = c
-            .post(format!("http://{}/register", a.api))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(format!("username=waiting{i}&password=p"))
-            .send()
-            .await
-            .expect("write");
+        let r = post_form(&c, format!("http://{}/register", a.api), format!("username=waiting{i}&password=p")).await;
         assert_eq!(r.status(), 201);
     }
     // Older than the recovery's `since` (1 s before it starts).

@@ -788,15 +788,7 @@ impl Cluster {
                 part => part,
             };
             backends.push(match part {
-                None => BackendView {
-                    backend: label,
-                    state: BackendState::Pending,
-                    attempts: 0,
-                    status: None,
-                    outcome: None,
-                    reason: None,
-                    next_attempt_at: None,
-                },
+                None => BackendView::pending(label),
                 Some(p) => BackendView {
                     backend: label,
                     state: match p.state {

@@ -457,6 +457,21 @@ pub struct BackendView {
     pub next_attempt_at: Option<String>,
 }
 
+impl BackendView {
+    /// Backend `backend`'s part of a delivery not attempted yet: pending, nothing known.
+    pub fn pending(backend: String) -> Self {
+        BackendView {
+            backend,
+            state: BackendState::Pending,
+            attempts: 0,
+            status: None,
+            outcome: None,
+            reason: None,
+            next_attempt_at: None,
+        }
+    }
+}
+
 /// A delivery as stored: when it was accepted and each backend's part.
 #[derive(Debug, Clone)]
 pub struct DeliveryView {
