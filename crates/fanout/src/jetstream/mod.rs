@@ -82,6 +82,8 @@ const STATS_INTERVAL: Duration = Duration::from_secs(2);
 const TRIM_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a write's publication is tried again before its client gets `503`.
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
+/// How far back from the newest dead letter those of a write refused everywhere are looked for.
+const RECENT_DEAD: u64 = 1_000;
 /// Most dead letters one admin call reads.
 const MAX_DEAD_SCAN: usize = 10_000;
 
@@ -183,6 +185,21 @@ pub(crate) struct Part {
     pub outcome: Option<String>,
     pub reason: Option<String>,
     pub next_attempt_ms: Option<u64>,
+}
+
+impl Part {
+    /// The part of a dead letter that ended as `state` (deleted, or refused everywhere): its last attempt as the
+    /// dead letter kept it.
+    fn ended(state: PartState, row: &DeadRow) -> Self {
+        Part {
+            state,
+            attempts: row.attempts,
+            status: row.last_status,
+            outcome: row.last_outcome.clone(),
+            reason: Some(row.reason.clone()),
+            next_attempt_ms: None,
+        }
+    }
 }
 
 /// Where a backend's part stands.
@@ -841,6 +858,31 @@ impl Cluster {
         Ok(out)
     }
 
+    /// Up to `want` dead letters of write `id` among the newest [`RECENT_DEAD`] of the stream, newest first: a
+    /// write's dead letters were just published when every backend refused it, so this reads a few messages
+    /// where [`Cluster::scan_dead`] would read every dead letter.
+    async fn recent_dead(&self, id: u128, want: usize) -> Result<Vec<(u64, DeadMsg)>, LogError> {
+        let info = self.dead.get_info().await.map_err(|e| nats_error("reading the dead letters", e))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let mut out = Vec::new();
+        let mut seq = last;
+        while seq >= first.max(1) && last - seq < RECENT_DEAD && out.len() < want {
+            match self.dead.direct_get(seq).await {
+                Ok(msg) => {
+                    let dead: DeadMsg = postcard::from_bytes(&msg.payload)?;
+                    if dead.write.id == id {
+                        out.push((seq, dead));
+                    }
+                }
+                // Deleted since (redriven or discarded).
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+                Err(e) => return Err(nats_error("reading the dead letters", e)),
+            }
+            seq -= 1;
+        }
+        Ok(out)
+    }
+
     fn dead_letter_view(&self, dead: &DeadMsg) -> DeadLetter {
         let path = self
             .open_value::<StoredDelivery>(dead.write.id, &dead.write.write)
@@ -914,15 +956,8 @@ impl Cluster {
         let mut gone = Vec::new();
         for (seq, dead) in self.scan_dead(&filter, MAX_DEAD_SCAN).await? {
             self.dead.delete_message(seq).await.map_err(|e| nats_error("deleting a dead letter", e))?;
-            let part = Part {
-                state: PartState::Discarded,
-                attempts: dead.row.attempts,
-                status: dead.row.last_status,
-                outcome: dead.row.last_outcome.clone(),
-                reason: Some(dead.row.reason.clone()),
-                next_attempt_ms: None,
-            };
-            self.put_part(dead.write.id, &backend_hash(&dead.backend), &part).await;
+            self.put_part(dead.write.id, &backend_hash(&dead.backend), &Part::ended(PartState::Discarded, &dead.row))
+                .await;
             tracing::warn!(backend = %dead.backend, "a dead letter was discarded: this write will not reach this backend");
             gone.push((dead.backend, seq));
         }
@@ -934,7 +969,7 @@ impl Cluster {
     /// redrive, and it must not hold `--max-pending`. Decided where the client waited; a write whose client had
     /// stopped waiting keeps its dead letters.
     async fn drop_refused(self: Arc<Self>, id: u128) {
-        let found = match self.scan_dead(&DeadFilter { backend: None, id: Some(id) }, self.labels.len()).await {
+        let found = match self.recent_dead(id, self.labels.len()).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(error = %e, "the dead letters of a write every backend refused are kept");
@@ -945,15 +980,7 @@ impl Cluster {
             if self.dead.delete_message(seq).await.is_err() {
                 continue;
             }
-            let part = Part {
-                state: PartState::Refused,
-                attempts: dead.row.attempts,
-                status: dead.row.last_status,
-                outcome: dead.row.last_outcome.clone(),
-                reason: Some(dead.row.reason.clone()),
-                next_attempt_ms: None,
-            };
-            self.put_part(id, &backend_hash(&dead.backend), &part).await;
+            self.put_part(id, &backend_hash(&dead.backend), &Part::ended(PartState::Refused, &dead.row)).await;
         }
         if let Some(writes) = REFUSED_EVERYWHERE.hit() {
             tracing::info!(
